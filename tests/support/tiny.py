@@ -1,0 +1,47 @@
+"""Tiny BERT models and synthetic retrieval data, built in the test (no model hub here)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = [f"w{i}" for i in range(300)]
+
+
+def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "what", "is", "about"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(WORDS) + 8, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def synthetic_records(count: int, *, seed: int = 0, negatives: int = 3) -> list[dict]:
+    """Queries share words with their positive passage; negatives are random words."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        topic = rng.sample(WORDS, 3)
+        filler = rng.sample(WORDS, 3)
+        passage = topic + filler
+        rng.shuffle(passage)
+        records.append({
+            "query": "what is " + " ".join(topic),
+            "pos": [" ".join(passage)],
+            "neg": [" ".join(rng.sample(WORDS, 6)) for _ in range(negatives)],
+        })
+    return records
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path

@@ -1,0 +1,183 @@
+"""The trainer's configuration: the file `torchrun` hands to every rank.
+
+The operator renders it from an EmbeddingFinetune's spec, and `embedtune run` does the same
+locally, so the sections that mirror the resource (model, data, training, checkpoint,
+storage) are defined once, here, on the side that uses them. Field names are camelCase
+like the Kubernetes resource; Python code uses the snake_case attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .errors import InputError
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+Pooling = Literal["cls", "mean", "lastToken"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class ModelSpec(CamelModel):
+    base: str = Field(description="Hugging Face model id, local path, or storage URI of the base model.")
+    pooling: Pooling = Field("cls", description="How token states become one vector.")
+    normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
+    query_instruction: str | None = Field(None, description="Prefix prepended to every query.")
+    passage_instruction: str | None = Field(None, description="Prefix prepended to every passage.")
+    query_max_length: int = Field(64, ge=1, le=8192, description="Query length limit in tokens.")
+    passage_max_length: int = Field(256, ge=1, le=8192, description="Passage length limit in tokens.")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+
+    @property
+    def flagembedding_pooling(self) -> str:
+        return "last_token" if self.pooling == "lastToken" else self.pooling
+
+
+TrainingField = Literal["query", "pos", "neg", "prompt"]
+
+
+class HuggingFaceSource(CamelModel):
+    path: str = Field(description="A `save_to_disk` directory, or a hub dataset id where a hub is reachable.")
+    split: str = Field("train", description="Split to read when the dataset has several.")
+    columns: dict[TrainingField, str] = Field(
+        default_factory=dict,
+        description="Training field -> dataset column, e.g. {query: question, pos: context}. "
+        "A string column becomes a one-item list for pos/neg.",
+    )
+
+
+class DataSpec(CamelModel):
+    train: list[str] = Field(
+        default_factory=list,
+        description="FlagEmbedding JSONL files or directories: local paths, file:// or s3:// URIs.",
+    )
+    hugging_face: HuggingFaceSource | None = Field(None, description="Read training pairs from a Hugging Face dataset.")
+    held_out_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of queries held out (seeded) as the evaluation set."
+    )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if bool(self.train) == bool(self.hugging_face):
+            raise ValueError("set exactly one of `train` or `huggingFace`")
+        return self
+
+
+class DeepSpeedSpec(CamelModel):
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage; 0 disables sharding.")
+    config: dict[str, Any] | None = Field(None, description="A complete DeepSpeed config; overrides zeroStage.")
+
+
+class TrainingSpec(CamelModel):
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size_per_device: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    group_size: int = Field(8, ge=1, le=512, description="Passages per query: 1 positive + groupSize-1 negatives.")
+    temperature: float = Field(0.02, gt=0, le=10)
+    negatives_cross_device: bool = Field(True, description="Share passages across all ranks as extra negatives.")
+    precision: Precision = "bf16"
+    gradient_checkpointing: bool = False
+    deepspeed: DeepSpeedSpec | None = None
+    matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _positive_dims(cls, dims: list[int]) -> list[int]:
+        if any(d < 1 for d in dims):
+            raise ValueError("every dimension must be >= 1")
+        return dims
+
+
+class CheckpointSpec(CamelModel):
+    every_steps: int = Field(500, ge=1, description="Save and upload a checkpoint every N optimizer steps.")
+    keep: int = Field(3, ge=1, description="Complete checkpoints kept in storage; older ones are pruned.")
+
+
+class StorageSpec(CamelModel):
+    uri: str = Field(description="s3://bucket/prefix, file:///path or a local path.")
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph ...); AWS when unset.")
+    region: str | None = None
+    credentials_secret: str | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (used by the operator)."
+    )
+
+
+class RunIdentity(CamelModel):
+    namespace: str = "default"
+    name: str = "local"
+    run_id: str = "1"
+
+
+class TrainerConfig(CamelModel):
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = TrainingSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    storage: StorageSpec
+    run: RunIdentity = RunIdentity()
+    work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")
+    progress_interval_seconds: float = Field(5.0, gt=0, description="Minimum time between progress reports.")
+
+
+def problems_from_validation_error(error: ValidationError, root: str) -> list[str]:
+    """One line per problem, `root.path.to.field: reason`, in the resource's own field names."""
+    lines = []
+    for item in error.errors():
+        path = ".".join([root, *(str(part) for part in item["loc"])])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    """Read a JSON or YAML trainer config; InputError lists every invalid field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read trainer config {path}: {exc.strerror}") from exc
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(f"{path}: invalid trainer config", problems_from_validation_error(exc, "config")) from exc

@@ -1,0 +1,330 @@
+"""Training data: load, validate every record before training, fill missing negatives,
+split off a held-out evaluation set.
+
+Input is FlagEmbedding's JSONL (`query`, `pos` [list], `neg` [list], optional
+`pos_scores`/`neg_scores`/`prompt`) or a Hugging Face dataset with a column mapping.
+Problems are reported one per line as `FILE:LINE: field: reason`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .config import DataSpec, HuggingFaceSource, StorageSpec
+from .errors import InputError
+from .storage import fetch_to_local
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PASSAGE_LISTS = ("pos", "neg")
+SCORE_LISTS = {"pos_scores": "pos", "neg_scores": "neg"}
+# Report at most this many problems in logs/termination messages; check-data prints all.
+REPORT_LIMIT = 200
+
+
+@dataclass
+class Record:
+    query: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    prompt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"query": self.query, "pos": self.pos, "neg": self.neg}
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        return out
+
+
+@dataclass
+class LoadResult:
+    records: list[Record]
+    problems: list[str]
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_text(value: Any, name: str) -> list[str]:
+    if not isinstance(value, str):
+        return [f"{name}: expected a string, got {_type_name(value)}"]
+    if not value.strip():
+        return [f"{name}: empty string"]
+    return []
+
+
+def record_problems(obj: Any) -> list[str]:
+    """Every problem of one record as `field: reason`; empty when the record is valid."""
+    if not isinstance(obj, dict):
+        return [f"record: expected a JSON object, got {_type_name(obj)}"]
+    problems = []
+    if "query" not in obj:
+        problems.append("query: missing")
+    else:
+        problems += _check_text(obj["query"], "query")
+    for name in PASSAGE_LISTS:
+        if name not in obj:
+            if name == "pos":
+                problems.append("pos: missing (need at least one positive passage)")
+            continue
+        value = obj[name]
+        if not isinstance(value, list):
+            problems.append(f"{name}: expected a list of strings, got {_type_name(value)}")
+            continue
+        if name == "pos" and not value:
+            problems.append("pos: empty list (need at least one positive passage)")
+        for i, item in enumerate(value):
+            problems += _check_text(item, f"{name}[{i}]")
+    for scores, passages in SCORE_LISTS.items():
+        if scores not in obj:
+            continue
+        value = obj[scores]
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            problems.append(f"{scores}: expected a list of numbers")
+        elif isinstance(obj.get(passages), list) and len(value) != len(obj[passages]):
+            problems.append(f"{scores}: {len(value)} scores for {len(obj[passages])} {passages} passages")
+    if "prompt" in obj and obj["prompt"] is not None and not isinstance(obj["prompt"], str):
+        problems.append(f"prompt: expected a string, got {_type_name(obj['prompt'])}")
+    return problems
+
+
+def _to_record(obj: dict[str, Any]) -> Record:
+    return Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def jsonl_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES)
+    return [path]
+
+
+def load_jsonl(paths: Iterable[Path]) -> LoadResult:
+    records, problems = [], []
+    for path in paths:
+        if not path.exists():
+            problems.append(f"{path}: no such file or directory")
+            continue
+        files = jsonl_files(path)
+        if not files:
+            problems.append(f"{path}: no .jsonl or .json files in this directory")
+        for file in files:
+            count = 0
+            with open(file, encoding="utf-8", errors="replace") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    count += 1
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        problems.append(f"{file}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
+                        continue
+                    found = record_problems(obj)
+                    problems += [f"{file}:{line_no}: {p}" for p in found]
+                    if not found:
+                        records.append(_to_record(obj))
+            if count == 0:
+                problems.append(f"{file}: no records")
+    return LoadResult(records, problems)
+
+
+def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
+    import datasets
+
+    local = Path(source.path)
+    where = f"{source.path}[{source.split}]"
+    try:
+        if local.is_dir() and any((local / marker).exists() for marker in ("dataset_dict.json", "state.json")):
+            dataset = datasets.load_from_disk(str(local))
+        else:
+            dataset = datasets.load_dataset(source.path, split=source.split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise InputError(f"data.huggingFace.path: cannot load dataset {source.path!r}: {exc}") from exc
+    if isinstance(dataset, datasets.DatasetDict):
+        if source.split not in dataset:
+            raise InputError(f"data.huggingFace.split: {source.split!r} not in dataset (has: {', '.join(dataset)})")
+        dataset = dataset[source.split]
+    mapping = {name: source.columns.get(name, name) for name in ("query", "pos", "neg", "prompt")}
+    missing = [f"data.huggingFace.columns.{target}: column {column!r} not in dataset (has: {', '.join(dataset.column_names)})"
+               for target, column in mapping.items()
+               if column not in dataset.column_names and (target in ("query", "pos") or target in source.columns)]
+    if missing:
+        raise InputError(f"{where}: column mapping does not fit the dataset", missing)
+    columns = {target: column for target, column in mapping.items() if column in dataset.column_names}
+    records, problems = [], []
+    for row_no, row in enumerate(dataset, start=1):
+        obj = {target: row[column] for target, column in columns.items()}
+        for name in PASSAGE_LISTS:
+            if isinstance(obj.get(name), str):
+                obj[name] = [obj[name]]
+        found = record_problems(obj)
+        problems += [f"{where}:{row_no}: {p}" for p in found]
+        if not found:
+            records.append(_to_record(obj))
+    if not len(dataset):
+        problems.append(f"{where}: no records")
+    return LoadResult(records, problems)
+
+
+def load_training_data(spec: DataSpec, download_dir: Path, storage: StorageSpec | None = None) -> LoadResult:
+    if spec.hugging_face is not None:
+        return load_hugging_face(spec.hugging_face)
+    endpoint = storage.endpoint if storage else None
+    region = storage.region if storage else None
+    return load_jsonl(fetch_to_local(uri, download_dir, endpoint=endpoint, region=region) for uri in spec.train)
+
+
+# --- preparation -------------------------------------------------------------------------
+
+
+def fill_negatives(records: list[Record], group_size: int, seed: int) -> int:
+    """Give every record at least `group_size - 1` negatives, drawing seeded random
+    passages of other records; never one of the record's own positives, never a duplicate.
+    Returns how many negatives were added."""
+    need = group_size - 1
+    if need <= 0 or all(len(r.neg) >= need for r in records):
+        return 0
+    pool = list(dict.fromkeys(p for r in records for p in (*r.pos, *r.neg)))
+    rng = random.Random(seed)
+    added = 0
+    for record in records:
+        missing = need - len(record.neg)
+        if missing <= 0:
+            continue
+        taken = set(record.pos) | set(record.neg)
+        if len(pool) - len(taken) < missing:  # every passage of the record is in the pool
+            raise InputError(
+                f"training.groupSize: {group_size} needs {need} negatives per query, but the data has only "
+                f"{len(pool)} distinct passages; lower groupSize or add negatives")
+        fresh: list[str] = []
+        while len(fresh) < missing:
+            candidate = pool[rng.randrange(len(pool))]
+            if candidate not in taken:
+                taken.add(candidate)
+                fresh.append(candidate)
+        record.neg = record.neg + fresh
+        added += missing
+    return added
+
+
+@dataclass
+class EvalSet:
+    queries: list[dict[str, str]]
+    corpus: list[dict[str, str]]
+    qrels: list[dict[str, Any]]
+
+    def write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_jsonl(directory / "queries.jsonl", self.queries)
+        write_jsonl(directory / "corpus.jsonl", self.corpus)
+        write_jsonl(directory / "qrels.jsonl", self.qrels)
+
+
+def split_held_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], EvalSet]:
+    """Hold out a seeded `fraction` of the distinct queries. Records sharing a query text
+    go to the same side, so no held-out query is ever trained on. The corpus is every
+    positive of the whole dataset, deduplicated, so retrieval has real distractors."""
+    queries = list(dict.fromkeys(r.query.strip() for r in records))
+    if len(queries) < 2:
+        raise InputError("data.heldOutFraction: need at least 2 distinct queries to hold some out")
+    rng = random.Random(seed)
+    shuffled = queries[:]
+    rng.shuffle(shuffled)
+    count = min(max(1, round(fraction * len(queries))), len(queries) - 1)
+    held = set(shuffled[:count])
+
+    doc_ids: dict[str, str] = {}
+    for record in records:
+        for passage in record.pos:
+            doc_ids.setdefault(passage, f"d{len(doc_ids)}")
+    query_ids: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for record in records:
+        text = record.query.strip()
+        if text in held:
+            qid = query_ids.setdefault(text, f"q{len(query_ids)}")
+            relevant.setdefault(qid, set()).update(doc_ids[p] for p in record.pos)
+    eval_set = EvalSet(
+        queries=[{"id": qid, "text": text} for text, qid in query_ids.items()],
+        corpus=[{"id": did, "text": text} for text, did in doc_ids.items()],
+        qrels=[{"qid": qid, "docid": did, "relevance": 1}
+               for qid in query_ids.values() for did in sorted(relevant[qid], key=lambda d: int(d[1:]))],
+    )
+    train = [r for r in records if r.query.strip() not in held]
+    return train, eval_set
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+@dataclass
+class PreparedData:
+    train_file: Path
+    eval_dir: Path | None
+    train_records: int
+    eval_queries: int
+    negatives_added: int
+
+
+def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: Path,
+                          storage: StorageSpec | None = None) -> PreparedData:
+    """Validate, split and fill; write `train.jsonl` (and `eval/`) under out_dir.
+
+    Deterministic for the same inputs, and cached by a fingerprint of them, so every rank
+    and every restart of a pod sees the same training set."""
+    fingerprint = hashlib.sha256(json.dumps([spec.to_dict(), group_size, seed]).encode()).hexdigest()
+    summary_file = out_dir / "prepared.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("fingerprint") == fingerprint:
+            return PreparedData(out_dir / "train.jsonl", out_dir / "eval" if summary["evalQueries"] else None,
+                                summary["trainRecords"], summary["evalQueries"], summary["negativesAdded"])
+
+    loaded = load_training_data(spec, out_dir / "download", storage)
+    if loaded.problems:
+        raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
+                         loaded.problems)
+    if not loaded.records:
+        raise InputError("training data: no records")
+    records, eval_set = loaded.records, None
+    if spec.held_out_fraction:
+        records, eval_set = split_held_out(records, spec.held_out_fraction, seed)
+        eval_set.write(out_dir / "eval")
+    added = fill_negatives(records, group_size, seed)
+    write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
+    prepared = PreparedData(out_dir / "train.jsonl", out_dir / "eval" if eval_set else None, len(records),
+                            len(eval_set.queries) if eval_set else 0, added)
+    summary_file.write_text(json.dumps({
+        "fingerprint": fingerprint, "trainRecords": prepared.train_records,
+        "evalQueries": prepared.eval_queries, "negativesAdded": added}))
+    logger.info("training data: %d records (%d random negatives added), %d held-out queries",
+                prepared.train_records, added, prepared.eval_queries)
+    return prepared

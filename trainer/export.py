@@ -1,0 +1,44 @@
+"""Export a trained encoder in sentence-transformers layout, with its real pooling,
+normalization, instructions and max lengths, so `SentenceTransformer(path).encode`
+reproduces the trainer's own embeddings (FlagEmbedding's saved model lacks this metadata,
+and loaders then default to mean pooling)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ModelSpec
+
+# Written next to the sentence-transformers files: what evaluation needs to encode the
+# way training did (sentence-transformers keeps one prompt per task but no passage length).
+EMBEDTUNE_MODEL_CARD = "embedtune.json"
+
+_ST_POOLING = {"cls": "cls", "mean": "mean", "lastToken": "lasttoken"}
+
+
+def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *, extra: dict | None = None) -> Path:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(
+        str(hf_dir),
+        max_seq_length=max(spec.query_max_length, spec.passage_max_length),
+        query_length=spec.query_max_length,
+        document_length=spec.passage_max_length,
+        model_kwargs={"trust_remote_code": spec.trust_remote_code},
+    )
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=_ST_POOLING[spec.pooling])]
+    if spec.normalize:
+        modules.append(Normalize())
+    prompts = {}
+    if spec.query_instruction:
+        prompts["query"] = spec.query_instruction
+    if spec.passage_instruction:
+        prompts["document"] = spec.passage_instruction
+    model = SentenceTransformer(modules=modules, prompts=prompts, device="cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(out_dir))
+    card = {"model": spec.to_dict()} | (extra or {})
+    (out_dir / EMBEDTUNE_MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return out_dir

@@ -1,0 +1,141 @@
+"""Training progress: what rank 0 reports, and the small interface it reports through.
+
+The trainer logs every report; anything else that wants progress (the operator's status
+writer, `embedtune run`'s display) implements `ProgressReporter` and is handed to the
+trainer. Progress reports are throttled; checkpoint events always go through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None
+    learning_rate: float | None
+    samples_per_second: float | None
+    eta_seconds: float | None
+
+    def to_status(self) -> dict:
+        """The shape of the resource's `status.training` fields."""
+        status = {"step": self.step, "totalSteps": self.total_steps, "epoch": round(self.epoch, 3)}
+        if self.loss is not None:
+            status["loss"] = round(self.loss, 5)
+        if self.samples_per_second is not None:
+            status["samplesPerSecond"] = round(self.samples_per_second, 2)
+        if self.eta_seconds is not None:
+            status["etaSeconds"] = int(self.eta_seconds)
+        return status
+
+
+class ProgressReporter(Protocol):
+    def training_progress(self, progress: TrainingProgress) -> None: ...
+
+    def checkpoint_stored(self, step: int, uri: str) -> None: ...
+
+
+class LogReporter:
+    def training_progress(self, progress: TrainingProgress) -> None:
+        eta = f"{progress.eta_seconds / 60:.1f} min" if progress.eta_seconds is not None else "?"
+        rate = f"{progress.samples_per_second:.1f}" if progress.samples_per_second is not None else "?"
+        loss = f"{progress.loss:.4f}" if progress.loss is not None else "?"
+        lr = f"{progress.learning_rate:.2e}" if progress.learning_rate is not None else "?"
+        logger.info("step %d/%d epoch %.2f loss %s lr %s samples/s %s eta %s", progress.step, progress.total_steps,
+                    progress.epoch, loss, lr, rate, eta)
+
+    def checkpoint_stored(self, step: int, uri: str) -> None:
+        logger.info("checkpoint %d complete at %s", step, uri)
+
+
+class JsonFileReporter:
+    """Keeps the latest progress and checkpoint in one JSON file (atomically replaced)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state: dict = {}
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.path)
+
+    def training_progress(self, progress: TrainingProgress) -> None:
+        self.state["training"] = progress.to_status() | {"learningRate": progress.learning_rate}
+        self._write()
+
+    def checkpoint_stored(self, step: int, uri: str) -> None:
+        self.state["checkpoint"] = {"step": step, "uri": uri}
+        self._write()
+
+
+class ThrottledReporter:
+    """Forwards progress at most once per `interval` seconds (the last one is never lost:
+    `flush` sends it), checkpoint events at once."""
+
+    def __init__(self, reporters: list[ProgressReporter], interval: float, clock=time.monotonic):
+        self.reporters = reporters
+        self.interval = interval
+        self.clock = clock
+        self._last_sent = -float("inf")
+        self._held: TrainingProgress | None = None
+
+    def training_progress(self, progress: TrainingProgress) -> None:
+        now = self.clock()
+        if now - self._last_sent >= self.interval:
+            self._send(progress)
+            self._last_sent = now
+        else:
+            self._held = progress
+
+    def flush(self) -> None:
+        if self._held is not None:
+            self._send(self._held)
+
+    def _send(self, progress: TrainingProgress) -> None:
+        self._held = None
+        for reporter in self.reporters:
+            _safely(reporter.training_progress, progress)
+
+    def checkpoint_stored(self, step: int, uri: str) -> None:
+        for reporter in self.reporters:
+            _safely(reporter.checkpoint_stored, step, uri)
+
+
+def _safely(method, *args) -> None:
+    # A reporter that fails (status API down) must never stop training.
+    try:
+        method(*args)
+    except Exception:
+        logger.exception("progress reporter %s failed", type(method.__self__).__name__)
+
+
+def progress_from_log(step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int,
+                      elapsed: float, samples_per_step: int) -> TrainingProgress:
+    """Turn one Trainer log record into a progress report. Rates count only the steps this
+    attempt ran (`steps_done` in `elapsed` seconds), so a resumed run reports honest speed."""
+    steps_per_second = steps_done / elapsed if elapsed > 0 and steps_done > 0 else None
+    return TrainingProgress(
+        step=step,
+        total_steps=total_steps,
+        epoch=epoch,
+        loss=logs.get("loss"),
+        learning_rate=logs.get("learning_rate"),
+        samples_per_second=steps_per_second * samples_per_step if steps_per_second else None,
+        eta_seconds=(total_steps - step) / steps_per_second if steps_per_second else None,
+    )
+
+
+__all__ = ["TrainingProgress", "ProgressReporter", "LogReporter", "JsonFileReporter", "ThrottledReporter",
+           "progress_from_log", "asdict"]

@@ -1,0 +1,271 @@
+"""FlagEmbedding's encoder-only fine-tuning, extended the way FlagEmbedding intends: by
+subclassing its concrete runner, model and trainer, and adding Trainer callbacks.
+
+What the subclasses change, and why:
+- the model records the shape of its first score matrix, so the log states how many
+  passages each query was scored against (proof that cross-device negatives are on);
+- the trainer saves only on the process that should (FlagEmbedding writes on every rank
+  without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
+  checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it
+  crashes, and the naive fix silently restarts from the base weights);
+- the runner maps "model not found" to an input error and wires our callbacks in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from FlagEmbedding.finetune.embedder.encoder_only.base import (
+    BiEncoderOnlyEmbedderModel,
+    EncoderOnlyEmbedderDataArguments,
+    EncoderOnlyEmbedderModelArguments,
+    EncoderOnlyEmbedderRunner,
+    EncoderOnlyEmbedderTrainer,
+    EncoderOnlyEmbedderTrainingArguments,
+)
+from transformers import AutoModel, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import load_sharded_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from .checkpoints import CheckpointUploader
+from .config import TrainerConfig
+from .errors import InputError
+from .progress import ThrottledReporter, progress_from_log
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
+    # (queries, passages) of the first training score matrix
+    first_scores_shape: tuple[int, int] | None = None
+
+    def compute_score(self, q_reps, p_reps):
+        scores = super().compute_score(q_reps, p_reps)
+        if self.training and self.first_scores_shape is None:
+            self.first_scores_shape = (scores.size(0), scores.size(1))
+        return scores
+
+
+class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if not self.args.should_save:
+            return
+        if state_dict is None:
+            super()._save(output_dir)
+            return
+        # DeepSpeed hands over the wrapper's gathered weights; FlagEmbedding's save ignores
+        # them and saves the local (under ZeRO-3: empty) parameters instead.
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        encoder_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.model.save_pretrained(output_dir, state_dict=encoder_state)
+        self._save_processing_class(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        encoder = self.accelerator.unwrap_model(model if model is not None else self.model).model
+        load_encoder_weights(encoder, Path(resume_from_checkpoint))
+        logger.info("resumed encoder weights from %s", resume_from_checkpoint)
+
+
+def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match."""
+    if (checkpoint / SAFE_WEIGHTS_INDEX_NAME).exists() or (checkpoint / WEIGHTS_INDEX_NAME).exists():
+        load_sharded_checkpoint(encoder, checkpoint, strict=True)
+        return
+    if (checkpoint / SAFE_WEIGHTS_NAME).exists():
+        state = safetensors.torch.load_file(checkpoint / SAFE_WEIGHTS_NAME, device="cpu")
+    elif (checkpoint / WEIGHTS_NAME).exists():
+        state = torch.load(checkpoint / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{checkpoint}: no model weights to resume from")
+    result = encoder.load_state_dict(state, strict=False)
+    tied = set(getattr(encoder, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]})")
+
+
+class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
+    def __init__(self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback]):
+        self.callbacks = callbacks
+        super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
+
+    def load_tokenizer_and_model(self):
+        name = self.model_args.model_name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
+            encoder = AutoModel.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
+        except OSError as exc:  # no such hub id, no network to reach it, or a folder without a model
+            raise InputError(f"model.base: cannot load {name!r}: {exc}") from exc
+        args = self.training_args
+        model = EmbedtuneEmbedderModel(
+            encoder,
+            tokenizer=tokenizer,
+            negatives_cross_device=args.negatives_cross_device,
+            temperature=args.temperature,
+            sub_batch_size=args.sub_batch_size,
+            kd_loss_type=args.kd_loss_type,
+            use_mrl=args.use_mrl,
+            mrl_dims=args.mrl_dims,
+            sentence_pooling_method=args.sentence_pooling_method,
+            normalize_embeddings=args.normalize_embeddings,
+        )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return tokenizer, model
+
+    def load_trainer(self) -> EmbedtuneTrainer:
+        return EmbedtuneTrainer(
+            model=self.model,
+            args=self.training_args,
+            train_dataset=self.train_dataset,
+            data_collator=self.data_collator,
+            processing_class=self.tokenizer,
+            callbacks=self.callbacks,
+        )
+
+
+def deepspeed_config(config: TrainerConfig) -> dict | None:
+    """A DeepSpeed config from `zeroStage`; HF's integration fills the "auto" values from
+    the training arguments, so batch sizes and precision stay in one place."""
+    spec = config.training.deepspeed
+    if spec is None:
+        return None
+    if spec.config is not None:
+        return spec.config
+    return {
+        "zero_optimization": {
+            "stage": spec.zero_stage,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            # the final model must be gathered whole to be exported
+            **({"stage3_gather_16bit_weights_on_model_save": True} if spec.zero_stage == 3 else {}),
+        },
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        # no optimizer/scheduler sections: the Trainer's own (torch AdamW, linear warmup) are
+        # wrapped by DeepSpeed, so they match the non-DeepSpeed path and need no compiled ops
+    }
+
+
+def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train_file: Path):
+    """FlagEmbedding's model and data arguments; the data must exist (they check)."""
+    t, m = config.training, config.model
+    model_args = EncoderOnlyEmbedderModelArguments(
+        model_name_or_path=model_path, trust_remote_code=m.trust_remote_code)
+    data_args = EncoderOnlyEmbedderDataArguments(
+        train_data=[str(train_file)],
+        train_group_size=t.group_size,
+        query_max_len=m.query_max_length,
+        passage_max_len=m.passage_max_length,
+        query_instruction_for_retrieval=m.query_instruction,
+        passage_instruction_for_retrieval=m.passage_instruction,
+    )
+    return model_args, data_args
+
+
+def build_training_arguments(config: TrainerConfig, output_dir: Path) -> EncoderOnlyEmbedderTrainingArguments:
+    """FlagEmbedding's training arguments; creating them joins the process group."""
+    t, m = config.training, config.model
+    on_cpu = not torch.cuda.is_available()
+    precision = t.precision
+    if on_cpu and precision != "fp32":
+        logger.warning("training.precision %s: no GPU here, training in fp32", precision)
+        precision = "fp32"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return EncoderOnlyEmbedderTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.batch_size_per_device,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        temperature=t.temperature,
+        # FlagEmbedding refuses cross-device negatives without a process group
+        negatives_cross_device=t.negatives_cross_device and world_size > 1,
+        sentence_pooling_method=m.flagembedding_pooling,
+        normalize_embeddings=m.normalize,
+        use_mrl=bool(t.matryoshka_dims),
+        mrl_dims=list(t.matryoshka_dims),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # on CPU, HF only sets up a gloo process group with use_cpu; without it every rank
+        # trains alone and the cross-device gather silently sees one rank
+        use_cpu=on_cpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        deepspeed=deepspeed_config(config),
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=config.checkpoint.every_steps,
+        save_total_limit=config.checkpoint.keep,
+        report_to="none",
+        dataloader_num_workers=0,
+        log_level="info",
+        log_level_replica="warning",
+    )
+
+
+def samples_per_step(args) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+class ProgressCallback(TrainerCallback):
+    """Rank 0 turns Trainer logs into progress reports."""
+
+    def __init__(self, reporter: ThrottledReporter, model: EmbedtuneEmbedderModel):
+        self.reporter = reporter
+        self.model = model
+        self._started: tuple[float, int] | None = None
+        self._announced = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # global_step is already the resumed step here, so rates count this attempt only
+        self._started = (time.monotonic(), state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._announced and self.model.first_scores_shape is not None and state.is_world_process_zero:
+            self._announced = True
+            queries, passages = self.model.first_scores_shape
+            logger.info("negatives: world size %d, each of %d queries scored against %d passages "
+                        "(cross-device %s)", args.world_size, queries, passages,
+                        "on" if self.model.negatives_cross_device else "off")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs or self._started is None:
+            return
+        started_at, started_step = self._started
+        self.reporter.training_progress(progress_from_log(
+            state.global_step, state.max_steps, state.epoch or 0.0, logs,
+            steps_done=state.global_step - started_step, elapsed=time.monotonic() - started_at,
+            samples_per_step=samples_per_step(args)))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.reporter.flush()
+
+
+class CheckpointCallback(TrainerCallback):
+    """After each save, the first process of every node hands its node's files to the
+    uploader; training goes on while they upload."""
+
+    def __init__(self, uploader: CheckpointUploader | None):
+        self.uploader = uploader
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank of this node has finished writing its files
+        if self.uploader is not None:
+            self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
