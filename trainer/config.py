@@ -141,6 +141,8 @@ class RunIdentity(CamelModel):
     namespace: str = "default"
     name: str = "local"
     run_id: str = "1"
+    report_status: bool = Field(
+        False, description="Patch the EmbeddingFinetune's status with progress (inside the cluster).")
 
 
 class TrainerConfig(CamelModel):

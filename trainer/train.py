@@ -128,13 +128,23 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     return TrainResult(model_uri, eval_uri, resumed_step, runner.trainer.state.global_step)
 
 
+def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:
+    rank, *_ = _rank()
+    if not config.run.report_status or rank != 0:
+        return []
+    from .status import KubernetesStatusReporter
+
+    return [KubernetesStatusReporter(config.run.namespace, config.run.name, config.run.run_id)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtune.trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = train(load_trainer_config(args.config))
+        config = load_trainer_config(args.config)
+        result = train(config, reporters=_cluster_reporters(config))
     except InputError as exc:
         logger.error("%s", exc.report(limit=50))
         write_termination_message(json.dumps({"reason": "InputError", "message": exc.report(limit=20)}))
