@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import TrainerConfig, load_trainer_config
 from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK, InputError, write_termination_message
-from .layout import RunLayout
+from .layout import RunLayout, checkpoint_dir_name
 from .progress import JsonFileReporter, LogReporter, ProgressReporter, ThrottledReporter
 from .storage import fetch_to_local, open_storage
 
@@ -57,13 +57,11 @@ def _broadcast_from_rank0(value):
 
 
 def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None) -> TrainResult:
-    from .checkpoints import CheckpointStore, CheckpointUploader, is_published, publish_dir
+    from .checkpoints import CheckpointStore, is_published, publish_dir
     from .data import prepare_training_data
-    from .export import export_sentence_transformers
-    from .runner import (CheckpointCallback, EmbedtuneRunner, ProgressCallback, build_model_and_data_arguments,
-                         build_training_arguments)
+    from .runner import build_training_arguments
 
-    rank, local_rank, node_rank, num_nodes = _rank()
+    rank, local_rank, _, _ = _rank()
     work = Path(config.work_dir)
     output_dir = work / "checkpoints"
     storage = open_storage(config.storage.uri, endpoint=config.storage.endpoint, region=config.storage.region)
@@ -73,24 +71,20 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     training_args = build_training_arguments(config, output_dir)
     _ = training_args.device  # joins the process group (gloo on CPU) before the collectives below
 
-    # Newest complete checkpoint: chosen once, by rank 0, so every node resumes the same one.
-    steps = store.complete_steps() if rank == 0 else None
-    steps = _broadcast_from_rank0(steps)
-    resumed_step: int | None = None
+    if is_published(storage, layout.model_prefix):  # a pod restarted after the run had finished
+        logger.info("run %s is already complete: %s", layout.run_prefix, storage.uri_for(layout.model_prefix))
+        return TrainResult(storage.uri_for(layout.model_prefix), None, None, -1)
+
+    resumed: tuple[int, bool] | None = None  # (step, training finished at that step)
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
         prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
                                          work / "data", config.storage)
         model_path = str(fetch_to_local(config.model.base, work / "base-model", endpoint=config.storage.endpoint,
                                         region=config.storage.region, download=local_rank == 0))
         if local_rank == 0:
-            if output_dir.exists():
-                shutil.rmtree(output_dir)  # local leftovers are never trusted; storage is the record
-            if steps and (found := store.download_latest(output_dir)):
-                resumed_step = found[0]
-    resumed_step = _broadcast_from_rank0(resumed_step)
-    if resumed_step is not None:
-        training_args.resume_from_checkpoint = str(output_dir / f"checkpoint-{resumed_step}")
-        logger.info("resuming from checkpoint %d (%s)", resumed_step, store.uri(resumed_step))
+            resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
+    # rank 0's choice holds everywhere, so every node resumes the same step
+    resumed = _broadcast_from_rank0(resumed)
 
     eval_uri = None
     if prepared.eval_dir is not None:
@@ -98,34 +92,75 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         if rank == 0 and not is_published(storage, layout.eval_prefix):
             publish_dir(storage, prepared.eval_dir, layout.eval_prefix, desc="upload held-out evaluation set")
 
-    reporter = ThrottledReporter([LogReporter(), JsonFileReporter(work / "progress.json"), *(reporters or [])],
+    if resumed is not None:
+        logger.info("resuming from checkpoint %d (%s)", resumed[0], store.uri(resumed[0]))
+        training_args.resume_from_checkpoint = str(output_dir / checkpoint_dir_name(resumed[0]))
+    if resumed is not None and resumed[1]:
+        # killed after the last checkpoint: resuming would make HF train one step too many
+        final_step, final_loss = resumed[0], None
+    else:
+        final_step, final_loss = _run_training(config, training_args, store, model_path, prepared.train_file,
+                                               reporters or [])
+
+    model_uri = None
+    if rank == 0:
+        model_uri = _publish_model(config, storage, layout, output_dir / checkpoint_dir_name(final_step),
+                                   {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records})
+    return TrainResult(model_uri, eval_uri, resumed[0] if resumed else None, final_step)
+
+
+def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -> tuple[int, bool] | None:
+    """Download the newest complete checkpoint into output_dir (local leftovers are never
+    trusted: storage is the record); also tell whether training had finished there."""
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    found = store.download_latest(output_dir)
+    if found is None:
+        return None
+    step, path = found
+    state = json.loads((path / "trainer_state.json").read_text())
+    return step, state["global_step"] >= (max_steps or state["max_steps"])
+
+
+def _run_training(config: TrainerConfig, training_args, store, model_path: str, train_file: Path,
+                  reporters: list[ProgressReporter]) -> tuple[int, float | None]:
+    from .checkpoints import CheckpointUploader
+    from .runner import CheckpointCallback, EmbedtuneRunner, ProgressCallback, build_model_and_data_arguments
+
+    rank, local_rank, node_rank, num_nodes = _rank()
+    work = Path(config.work_dir)
+    reporter = ThrottledReporter([LogReporter(), JsonFileReporter(work / "progress.json"), *reporters],
                                  config.progress_interval_seconds)
     uploader = None
     if local_rank == 0:
         uploader = CheckpointUploader(store, work / "upload-staging", node_rank=node_rank, num_nodes=num_nodes,
                                       keep=config.checkpoint.keep,
                                       on_complete=reporter.checkpoint_stored if rank == 0 else None)
-    model_args, data_args = build_model_and_data_arguments(config, model_path, prepared.train_file)
-    checkpoint_callback = CheckpointCallback(uploader)
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[checkpoint_callback])
+    model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
+    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader)])
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         if uploader is not None:
             uploader.close()  # a finished checkpoint is never abandoned mid-upload
+    state = runner.trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return state.global_step, (losses[-1] if losses else None)
 
-    runner.trainer.save_model(str(work / "final"))  # every rank: DeepSpeed gathers the weights
-    model_uri = None
-    if rank == 0:
-        state = runner.trainer.state
-        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-        summary = {"baseModel": config.model.base, "run": config.run.to_dict(), "step": state.global_step,
-                   "finalLoss": losses[-1] if losses else None, "trainRecords": prepared.train_records}
-        export_dir = export_sentence_transformers(work / "final", work / "model", config.model, extra={"training": summary})
-        model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
-        logger.info("model stored at %s", model_uri)
-    return TrainResult(model_uri, eval_uri, resumed_step, runner.trainer.state.global_step)
+
+def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_checkpoint: Path, summary: dict) -> str:
+    """Export the last checkpoint (HF saves one at the final step) in sentence-transformers
+    layout and store it, completion marker last."""
+    from .checkpoints import publish_dir
+    from .export import export_sentence_transformers
+
+    summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
+    export_dir = export_sentence_transformers(final_checkpoint, Path(config.work_dir) / "model", config.model,
+                                              extra={"training": summary})
+    model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
+    logger.info("model stored at %s", model_uri)
+    return model_uri
 
 
 def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:

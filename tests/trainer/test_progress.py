@@ -1,0 +1,56 @@
+from embedtune.trainer.progress import JsonFileReporter, ThrottledReporter, TrainingProgress, progress_from_log
+
+
+class Recorder:
+    def __init__(self):
+        self.progress, self.checkpoints = [], []
+
+    def training_progress(self, progress):
+        self.progress.append(progress.step)
+
+    def checkpoint_stored(self, step, uri):
+        self.checkpoints.append((step, uri))
+
+
+class Broken:
+    def training_progress(self, progress):
+        raise ConnectionError("status API down")
+
+    checkpoint_stored = training_progress
+
+
+def _progress(step):
+    return TrainingProgress(step, 100, step / 10, 1.0, 1e-5, 8.0, 10.0)
+
+
+def test_progress_is_throttled_but_never_lost_and_a_failing_reporter_is_contained():
+    now = [0.0]
+    recorder = Recorder()
+    throttled = ThrottledReporter([Broken(), recorder], interval=5, clock=lambda: now[0])
+    for step in range(1, 12):
+        throttled.training_progress(_progress(step))
+        now[0] += 1
+    throttled.checkpoint_stored(10, "s3://b/c")
+    throttled.flush()
+    assert recorder.progress == [1, 6, 11]
+    assert recorder.checkpoints == [(10, "s3://b/c")]
+
+
+def test_rates_count_only_this_attempts_steps():
+    progress = progress_from_log(150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5},
+                                 steps_done=50, elapsed=25.0, samples_per_step=64)
+    assert progress.samples_per_second == 128.0  # 2 steps/s x 64 samples
+    assert progress.eta_seconds == 25.0  # 50 steps left at 2 steps/s
+    assert progress.to_status() == {"step": 150, "totalSteps": 200, "epoch": 1.5, "loss": 0.3,
+                                    "samplesPerSecond": 128.0, "etaSeconds": 25}
+    assert progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, samples_per_step=8).eta_seconds is None
+
+
+def test_json_file_reporter_keeps_the_latest(tmp_path):
+    reporter = JsonFileReporter(tmp_path / "p.json")
+    reporter.training_progress(_progress(3))
+    reporter.checkpoint_stored(3, "/c")
+    import json
+
+    state = json.loads((tmp_path / "p.json").read_text())
+    assert state["training"]["step"] == 3 and state["checkpoint"] == {"step": 3, "uri": "/c"}

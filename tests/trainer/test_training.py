@@ -1,0 +1,182 @@
+"""Real training runs: torchrun with gloo on CPU, a tiny BERT, moto's S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedtune.trainer.checkpoints import CheckpointStore
+from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
+from embedtune.trainer.storage import open_storage
+from support.tiny import synthetic_records, write_jsonl
+
+pytestmark = pytest.mark.slow
+RUN = RunLayout("ml", "tiny", "1")
+
+
+def write_config(tmp_path: Path, tiny_model: Path, storage_uri: str, endpoint: str | None = None, *,
+                 data: Path | None = None, model: dict | None = None, **training) -> Path:
+    data = data or write_jsonl(tmp_path / "train.jsonl", synthetic_records(96, negatives=2))
+    config = {
+        "model": {"base": str(tiny_model), "pooling": "cls", "queryMaxLength": 16, "passageMaxLength": 16} | (model or {}),
+        "data": {"train": str(data), "heldOutFraction": 0.1},
+        "training": {"epochs": 1, "batchSizePerDevice": 4, "groupSize": 4, "learningRate": 1e-4,
+                     "loggingSteps": 1, "seed": 7} | training.pop("training", {}),
+        "checkpoint": training.pop("checkpoint", {"everySteps": 2, "keep": 2}),
+        "storage": {"uri": storage_uri} | ({"endpoint": endpoint} if endpoint else {}),
+        "run": {"namespace": RUN.namespace, "name": RUN.name, "runId": RUN.run_id},
+        "workDir": str(tmp_path / training.pop("work", "work")),
+        "progressIntervalSeconds": 0.5,
+    }
+    path = tmp_path / f"trainer-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def trainer_command(config: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "embedtune.trainer.launch", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "embedtune.trainer", "--config", str(config)]
+
+
+def trainer_env(**extra) -> dict:
+    return os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def run_trainer(config: Path, nproc: int = 2, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(trainer_command(config, nproc), env=trainer_env(**env), capture_output=True, text=True,
+                          timeout=600)
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every worker at once, as losing the pod would (torchrun starts
+    each worker in a session of its own, so a process-group kill would miss them)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for proc in [parent, *parent.children(recursive=True)]:
+        proc.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def losses(storage, step: int) -> dict[int, float]:
+    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(step)}/trainer_state.json"))
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+@pytest.mark.parametrize("cross_device,queries,passages", [(True, 8, 32), (False, 4, 16)])
+def test_two_ranks_score_each_query_against_the_passages_of_both(tiny_model, tmp_path, s3_bucket, s3_endpoint,
+                                                                 cross_device, queries, passages):
+    config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint,
+                          training={"maxSteps": 4, "negativesCrossDevice": cross_device})
+    result = run_trainer(config, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 4 queries per rank x 4 passages per query: gathered across both ranks that is 8 x 32
+    state = "on" if cross_device else "off"
+    assert (f"negatives: world size 2, each of {queries} queries scored against {passages} passages "
+            f"(cross-device {state})") in result.stderr
+
+    storage = open_storage(s3_bucket, endpoint=s3_endpoint)
+    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    assert storage.exists(f"{RUN.eval_prefix}/{COMPLETE_MARKER}")
+    assert CheckpointStore(storage, RUN).complete_steps() == [4, 2]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["model"] == f"{s3_bucket}/{RUN.model_prefix}" and summary["step"] == 4
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(tiny_model, tmp_path, s3_bucket,
+                                                                              s3_endpoint):
+    steps = {"training": {"maxSteps": 120}, "checkpoint": {"everySteps": 10, "keep": 2}}
+    reference = write_config(tmp_path, tiny_model, str(tmp_path / "reference-store"), work="ref", **steps)
+    assert run_trainer(reference).returncode == 0
+    expected = losses(open_storage(str(tmp_path / "reference-store")), 120)
+    assert len(expected) == 120
+
+    config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint, **steps)
+    store = CheckpointStore(open_storage(s3_bucket, endpoint=s3_endpoint), RUN)
+    # a lost pod: the whole process group dies at once, right after its first complete checkpoint
+    victim = subprocess.Popen(trainer_command(config, 2), env=trainer_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not store.complete_steps() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    kill_process_tree(victim)
+    complete = store.complete_steps()
+    assert complete and complete[0] < 120, "the run should have been killed mid-way"
+    # an upload the kill cut short (no marker) must never be resumed from
+    store.storage.write_bytes(f"{RUN.checkpoint_prefix(110)}/model.safetensors", b"half an upload")
+
+    resumed = run_trainer(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint {complete[0]}" in resumed.stderr
+    actual = losses(store.storage, 120)
+    # the resumed run continues the reference loss curve step for step: same weights, optimizer,
+    # scheduler and data position; from the base weights its losses would differ at once
+    assert sorted(actual) == sorted(expected)
+    for step in range(complete[0] + 1, 121):
+        assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("data", ":3: pos: empty list (need at least one positive passage)"),
+    ("model", "model.base: cannot load"),
+])
+def test_input_errors_exit_2_before_training(tiny_model, tmp_path, problem, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", synthetic_records(2) + [{"query": "q", "pos": []}])
+    if problem == "model":
+        data = write_jsonl(tmp_path / "good.jsonl", synthetic_records(40))
+    config = write_config(tmp_path, tmp_path / "no-such-model" if problem == "model" else tiny_model,
+                          str(tmp_path / "store"), data=data)
+    termination = tmp_path / "termination-log"
+    result = run_trainer(config, nproc=2, EMBEDTUNE_TERMINATION_LOG=str(termination))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr
+    assert json.loads(termination.read_text())["reason"] == "InputError"
+    assert not (tmp_path / "store" / RUN.checkpoints_prefix).exists()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_path, zero_stage):
+    store_uri = str(tmp_path / "store")
+    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 6, "deepspeed": {"zeroStage": zero_stage}})
+    first = run_trainer(config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = open_storage(store_uri)
+    shards = [o.key.rsplit("/", 1)[1] for o in storage.list(f"{RUN.checkpoint_prefix(6)}/global_step6")]
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
+    expected = losses(storage, 6)
+
+    # as if the pod had died after checkpoint 4: checkpoint 6 and the model were never stored
+    storage.delete([o.key for o in storage.list(RUN.model_prefix) + storage.list(RUN.checkpoint_prefix(6))])
+    again = run_trainer(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint 4" in again.stderr  # the DeepSpeed engine state, not just weights
+    actual = losses(storage, 6)
+    assert set(actual) == {1, 2, 3, 4, 5, 6}
+    for step in (5, 6):
+        assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5)
+
+
+def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(tiny_model, tmp_path):
+    store_uri = str(tmp_path / "store")
+    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 4})
+    assert run_trainer(config, nproc=1).returncode == 0
+    storage = open_storage(store_uri)
+    storage.delete([o.key for o in storage.list(RUN.model_prefix)])  # lost before the model was stored
+
+    again = run_trainer(config, nproc=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint 4" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 4
+    assert CheckpointStore(storage, RUN).complete_steps() == [4, 2]  # no step 5: nothing trained twice
+    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+
+    done = run_trainer(config, nproc=1)  # a pod restarted after the run had finished
+    assert done.returncode == 0 and "is already complete" in done.stderr
