@@ -56,9 +56,13 @@ def _is_hf_dataset(path: Path) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
+    nproc = args.nproc_per_node or _local_processes()
+    if nproc == 1:  # no process group to set up, no DDP wrapper to pay for
+        from embedtune.trainer import train
+
+        return train.main(["--config", str(args.config)])
     from embedtune.trainer import launch
 
-    nproc = args.nproc_per_node or _local_processes()
     return launch.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "embedtune.trainer",
                         "--config", str(args.config)])
 

@@ -140,11 +140,14 @@ def _run_training(config: TrainerConfig, training_args, store, model_path: str, 
     runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader)])
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
-        runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        output = runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         if uploader is not None:
             uploader.close()  # a finished checkpoint is never abandoned mid-upload
     state = runner.trainer.state
+    if rank == 0:
+        logger.info("training finished at step %d; train_runtime %.3fs", state.global_step,
+                    output.metrics["train_runtime"])
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return state.global_step, (losses[-1] if losses else None)
 
