@@ -295,14 +295,15 @@ class PreparedData:
 
 
 def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: Path,
-                          storage: StorageSpec | None = None) -> PreparedData:
+                          storage: StorageSpec | None = None, *, reuse: bool = False) -> PreparedData:
     """Validate, split and fill; write `train.jsonl` (and `eval/`) under out_dir.
 
-    Deterministic for the same inputs, and cached by a fingerprint of them, so every rank
-    and every restart of a pod sees the same training set."""
+    Deterministic for the same inputs. With `reuse`, a preparation that another process on
+    this machine just made from the same spec is taken as it is (the input files are read
+    once per machine, not once per GPU)."""
     fingerprint = hashlib.sha256(json.dumps([spec.to_dict(), group_size, seed]).encode()).hexdigest()
     summary_file = out_dir / "prepared.json"
-    if summary_file.exists():
+    if reuse and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         if summary.get("fingerprint") == fingerprint:
             return PreparedData(out_dir / "train.jsonl", out_dir / "eval" if summary["evalQueries"] else None,

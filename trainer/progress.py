@@ -55,7 +55,7 @@ class LogReporter:
                     progress.epoch, loss, lr, rate, eta)
 
     def checkpoint_stored(self, step: int, uri: str) -> None:
-        logger.info("checkpoint %d complete at %s", step, uri)
+        pass  # the uploader already logs it, with size and duration
 
 
 class JsonFileReporter:

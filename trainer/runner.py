@@ -102,7 +102,9 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
             encoder = AutoModel.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
-        except OSError as exc:  # no such hub id, no network to reach it, or a folder without a model
+        except OSError as exc:
+            if "connect" in str(exc).lower():  # the hub is unreachable: worth a retry, not the user's fault
+                raise
             raise InputError(f"model.base: cannot load {name!r}: {exc}") from exc
         args = self.training_args
         model = EmbedtuneEmbedderModel(
