@@ -69,6 +69,78 @@ def _local_processes() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from embedtune.trainer.errors import InputError
+    from embedtune.trainer.evaluate import (EvaluationOptions, format_table, run_evaluation, status_metrics,
+                                            write_report)
+
+    try:
+        options = EvaluationOptions(ks=_cutoffs(args.k), index=args.index, batch_size=args.batch_size,
+                                    precision=args.precision, overrides=_model_overrides(args))
+        report = run_evaluation(args.model, args.eval_set, options, baseline=args.baseline,
+                                endpoint=args.storage_endpoint, region=args.storage_region)
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(format_table(report, options.ks))
+    if args.output:
+        write_report(report, args.output, endpoint=args.storage_endpoint, region=args.storage_region)
+    if args.patch_status:
+        from embedtune.trainer.status import patch_resource_status
+
+        namespace, name = args.patch_status
+        patch_resource_status(namespace, name, {"metrics": status_metrics(report)})
+    return EXIT_OK
+
+
+def _cutoffs(text: str) -> tuple[int, ...]:
+    from embedtune.trainer.errors import InputError
+
+    try:
+        ks = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        ks = ()
+    if not ks or ks[0] < 1:
+        raise InputError(f"--k {text}: expected positive integers separated by commas, e.g. 1,10,100")
+    return ks
+
+
+def _namespaced_name(text: str) -> tuple[str, str]:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAMESPACE/NAME")
+    return namespace, name
+
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    """The ModelSpec fields given on the command line (the rest stay the model's own)."""
+    given = {"pooling": args.pooling, "normalize": args.normalize, "query_instruction": args.query_instruction,
+             "passage_instruction": args.passage_instruction, "query_max_length": args.query_max_length,
+             "passage_max_length": args.passage_max_length}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "encoding", "How to encode: needed for a plain Hugging Face checkpoint; for a sentence-transformers "
+        "model, each flag given replaces the model's own setting")
+    group.add_argument("--pooling", choices=["cls", "mean", "lastToken"], default=None)
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalize embeddings (default for a plain checkpoint: on)")
+    group.add_argument("--query-instruction", default=None, help="prefix prepended to every query")
+    group.add_argument("--passage-instruction", default=None, help="prefix prepended to every passage")
+    group.add_argument("--query-max-length", type=int, default=None, help="query length limit in tokens")
+    group.add_argument("--passage-max-length", type=int, default=None, help="passage length limit in tokens")
+    group.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    group.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                       help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
+
+
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-endpoint", default=None, help="S3 endpoint URL (MinIO, Ceph ...)")
+    parser.add_argument("--storage-region", default=None, help="S3 region")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune text-embedding models for retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="trainer config (YAML or JSON)")
     train.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: one per GPU, or 1)")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="retrieval metrics of a model (and its baseline) on an evaluation set",
+        description="Encode an evaluation set (queries.jsonl, corpus.jsonl, qrels.jsonl) with each model, "
+        "retrieve with faiss and print nDCG, Recall, MRR, MAP and P at every k, averaged over all queries. "
+        "Exits 2 when the evaluation set or a model is unusable.")
+    evaluate.add_argument("--model", required=True, help="fine-tuned model: path, s3:// URI or model id")
+    evaluate.add_argument("--baseline", default=None, help="model to compare with (e.g. the base model)")
+    evaluate.add_argument("--eval-set", required=True, help="directory or s3:// prefix of the evaluation set")
+    evaluate.add_argument("--k", default="1,10,100", help="cutoffs, comma-separated (default: 1,10,100)")
+    evaluate.add_argument("--output", default=None, help="write metrics.json here (path or s3:// URI)")
+    evaluate.add_argument("--patch-status", type=_namespaced_name, default=None, metavar="NAMESPACE/NAME",
+                          help="patch the metrics into this EmbeddingFinetune's status.metrics")
+    evaluate.add_argument("--index", choices=["exact", "ivf", "hnsw"], default="exact",
+                          help="faiss search: exact (default) or approximate for large corpora")
+    _add_model_flags(evaluate)
+    _add_storage_flags(evaluate)
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 
