@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +91,47 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         namespace, name = args.patch_status
         patch_resource_status(namespace, name, {"metrics": status_metrics(report)})
+    return EXIT_OK
+
+
+def _mine(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from embedtune.trainer.config import HardNegativesSpec
+    from embedtune.trainer.data import load_jsonl, write_jsonl
+    from embedtune.trainer.encoding import load_encoder
+    from embedtune.trainer.errors import InputError
+    from embedtune.trainer.mining import load_candidates, mine_hard_negatives
+    from embedtune.trainer.storage import fetch_to_local
+
+    storage = {"endpoint": args.storage_endpoint, "region": args.storage_region}
+    try:
+        spec = HardNegativesSpec(mine=True, range=args.range, count=args.count, max_score_ratio=args.max_score_ratio)
+    except ValidationError as exc:
+        for item in exc.errors():
+            flag = re.sub(r"(?<!^)(?=[A-Z])", "-", str(item["loc"][0])).lower()
+            print(f"--{flag}: {item['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    try:
+        with tempfile.TemporaryDirectory(prefix="embedtune-mine-") as work:
+            loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", **storage) for uri in args.inputs])
+            if loaded.problems:
+                raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
+                                 loaded.problems)
+            candidates = (load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", **storage))
+                          if args.candidates else None)
+            model = load_encoder(fetch_to_local(args.model, Path(work) / "model", **storage), _model_overrides(args),
+                                 precision=args.precision)
+            summary = mine_hard_negatives(loaded.records, model, spec, seed=args.seed, candidates=candidates,
+                                          batch_size=args.batch_size)
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    write_jsonl(args.output, (record.to_json() for record in loaded.records))
+    print(f"mined {summary.mined} negatives for {summary.records} records ({summary.short} got fewer than "
+          f"{args.count}; the guard skipped {summary.guarded} candidates) -> {args.output}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -182,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(evaluate)
     _add_storage_flags(evaluate)
     evaluate.set_defaults(func=_evaluate)
+
+    mine = commands.add_parser(
+        "mine", help="add hard negatives to training data, retrieved with a model",
+        description="For every record, retrieve passages with the model (faiss, exact) and add COUNT negatives "
+        "sampled (seeded) from the ranks FIRST+1..LAST, never a positive of the query, the query itself or a "
+        "negative it already has. Writes FlagEmbedding JSONL; exits 2 on invalid input.")
+    mine.add_argument("inputs", nargs="+", metavar="INPUT", help="FlagEmbedding JSONL file/directory (or s3:// URI)")
+    mine.add_argument("--model", required=True, help="model: path, s3:// URI or model id")
+    mine.add_argument("--output", required=True, type=Path, help="JSONL file to write")
+    mine.add_argument("--range", default="10-100", help="FIRST-LAST ranks to sample from (default: 10-100)")
+    mine.add_argument("--count", type=int, default=7, help="negatives to add per record (default: 7)")
+    mine.add_argument("--max-score-ratio", type=float, default=None,
+                      help="false-negative guard: skip candidates scoring above this fraction of the positive's")
+    mine.add_argument("--candidates", default=None, help='JSONL of {"text": ...} passages to mine from '
+                      "(default: every passage of the inputs)")
+    mine.add_argument("--seed", type=int, default=42)
+    _add_model_flags(mine)
+    _add_storage_flags(mine)
+    mine.set_defaults(func=_mine)
     return parser
 
 

@@ -78,10 +78,10 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     steps = _broadcast_from_rank0(steps)
     resumed_step: int | None = None
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
-        prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
-                                         work / "data", config.storage)
         model_path = str(fetch_to_local(config.model.base, work / "base-model", endpoint=config.storage.endpoint,
                                         region=config.storage.region, download=local_rank == 0))
+        prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
+                                         work / "data", config.storage, model=config.model, model_path=model_path)
         if local_rank == 0:
             if output_dir.exists():
                 shutil.rmtree(output_dir)  # local leftovers are never trusted; storage is the record
