@@ -154,6 +154,12 @@ def _namespaced_name(text: str) -> tuple[str, str]:
     return namespace, name
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
 def _model_overrides(args: argparse.Namespace) -> dict:
     """The ModelSpec fields given on the command line (the rest stay the model's own)."""
     given = {"pooling": args.pooling, "normalize": args.normalize, "query_instruction": args.query_instruction,
@@ -171,9 +177,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="L2-normalize embeddings (default for a plain checkpoint: on)")
     group.add_argument("--query-instruction", default=None, help="prefix prepended to every query")
     group.add_argument("--passage-instruction", default=None, help="prefix prepended to every passage")
-    group.add_argument("--query-max-length", type=int, default=None, help="query length limit in tokens")
-    group.add_argument("--passage-max-length", type=int, default=None, help="passage length limit in tokens")
-    group.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    group.add_argument("--query-max-length", type=_positive_int, default=None, help="query length limit in tokens")
+    group.add_argument("--passage-max-length", type=_positive_int, default=None, help="passage length limit in tokens")
+    group.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     group.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                        help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
 

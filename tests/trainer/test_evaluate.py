@@ -106,3 +106,20 @@ def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
     assert "--k 0,10: expected positive integers" in capsys.readouterr().err
     assert cli(["evaluate", "--model", str(tmp_path / "nowhere"), "--eval-set", str(eval_dir)]) == 2
     assert f"model {tmp_path / 'nowhere'}: cannot load it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as parse_error:  # argparse's own exit code for a bad flag is 2 too
+        cli(["evaluate", "--model", str(exported), "--eval-set", str(eval_dir), "--batch-size", "0"])
+    assert parse_error.value.code == 2
+    assert "--batch-size: '0': expected a positive integer" in capsys.readouterr().err
+
+
+def test_half_precision_encodes_close_to_fp32(exported):
+    import torch
+
+    from embedtune.trainer.encoding import encode_queries
+
+    texts = ["what is w1 w2 w3", "w4 w5"]
+    full = encode_queries(load_encoder(exported, precision="auto"), texts)  # fp32 on CPU
+    half_model = load_encoder(exported, precision="bf16")
+    assert next(half_model.parameters()).dtype == torch.bfloat16
+    half = encode_queries(half_model, texts)
+    assert half.dtype == np.float32 and np.allclose(half, full, atol=3e-2) and not np.array_equal(half, full)
