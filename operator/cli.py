@@ -72,7 +72,7 @@ def _local_processes() -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from embedtune.trainer.errors import InputError
-    from embedtune.trainer.evaluate import (EvaluationOptions, format_table, run_evaluation, status_metrics,
+    from embedtune.trainer.evaluate import (EvaluationOptions, format_table, patch_status_metrics, run_evaluation,
                                             write_report)
 
     try:
@@ -87,10 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.output:
         write_report(report, args.output, endpoint=args.storage_endpoint, region=args.storage_region)
     if args.patch_status:
-        from embedtune.trainer.status import patch_resource_status
-
-        namespace, name = args.patch_status
-        patch_resource_status(namespace, name, {"metrics": status_metrics(report)})
+        patch_status_metrics(*args.patch_status, report)
     return EXIT_OK
 
 

@@ -13,7 +13,6 @@ and chunking keeps only one chunk of vectors in memory (search.py merges the res
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -23,8 +22,6 @@ from tqdm.auto import tqdm
 from .config import ModelSpec
 from .errors import InputError
 from .export import build_sentence_transformer
-
-logger = logging.getLogger(__name__)
 
 EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]
 # sentence-transformers' pooling names -> ours (ModelSpec.pooling)

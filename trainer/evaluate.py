@@ -75,9 +75,13 @@ def write_report(report: dict, output: str, *, endpoint: str | None = None, regi
         name, json.dumps(report, indent=2).encode())
 
 
-def status_metrics(report: dict) -> dict:
-    """What goes into an EmbeddingFinetune's `status.metrics`."""
-    return {key: report[key] for key in ("baseline", "finetuned", "delta")}
+def patch_status_metrics(namespace: str, name: str, report: dict, *, api=None) -> None:
+    """Put the report's baseline, fine-tuned and delta metrics into an EmbeddingFinetune's
+    `status.metrics` (a merge patch of the status subresource)."""
+    from .status import patch_resource_status
+
+    metrics = {key: report[key] for key in ("baseline", "finetuned", "delta")}
+    patch_resource_status(namespace, name, {"metrics": metrics}, api=api)
 
 
 def run_evaluation(model: str, eval_set_uri: str, options: EvaluationOptions, *, baseline: str | None = None,
