@@ -123,3 +123,12 @@ def test_half_precision_encodes_close_to_fp32(exported):
     assert next(half_model.parameters()).dtype == torch.bfloat16
     half = encode_queries(half_model, texts)
     assert half.dtype == np.float32 and np.allclose(half, full, atol=3e-2) and not np.array_equal(half, full)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_on_a_small_corpus_matches_exact(exported, eval_dir, tmp_path, index):
+    eval_set = load_eval_set(str(eval_dir), tmp_path)
+    model = load_encoder(exported)
+    exact = evaluate_model(model, eval_set, EvaluationOptions(ks=(1, 10)))
+    # 60 passages: one IVF list, and an HNSW search wider than the graph; both see everything
+    assert evaluate_model(model, eval_set, EvaluationOptions(ks=(1, 10), index=index)) == pytest.approx(exact)
