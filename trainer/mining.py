@@ -51,7 +51,7 @@ def mine_hard_negatives(records: list[Record], model, spec: HardNegativesSpec, *
         positives.setdefault(record.query.strip(), set()).update(record.pos)
 
     query_vectors = encode_queries(model, queries, batch_size=batch_size)
-    chunks = list(encode_passages(model, corpus, batch_size=batch_size))
+    chunks = encode_passages(model, corpus, batch_size=batch_size)
     scores, ranked = search(query_vectors, chunks, min(last, len(corpus)))
     lowest_positive = (_lowest_positive_scores(model, queries, query_vectors, positives, batch_size)
                        if spec.max_score_ratio is not None else None)
