@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -73,6 +74,122 @@ def _local_processes() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from embedtune.trainer.errors import InputError
+    from embedtune.trainer.evaluate import (EvaluationOptions, format_table, patch_status_metrics, run_evaluation,
+                                            write_report)
+
+    try:
+        options = EvaluationOptions(ks=_cutoffs(args.k), index=args.index, batch_size=args.batch_size,
+                                    precision=args.precision, overrides=_model_overrides(args))
+        report = run_evaluation(args.model, args.eval_set, options, baseline=args.baseline,
+                                endpoint=args.storage_endpoint, region=args.storage_region)
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(format_table(report, options.ks))
+    if args.output:
+        write_report(report, args.output, endpoint=args.storage_endpoint, region=args.storage_region)
+    if args.patch_status:
+        patch_status_metrics(*args.patch_status, report)
+    return EXIT_OK
+
+
+def _mine(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from embedtune.trainer.config import HardNegativesSpec
+    from embedtune.trainer.data import load_jsonl, write_jsonl
+    from embedtune.trainer.encoding import load_encoder
+    from embedtune.trainer.errors import InputError
+    from embedtune.trainer.mining import load_candidates, mine_hard_negatives
+    from embedtune.trainer.storage import fetch_to_local
+
+    storage = {"endpoint": args.storage_endpoint, "region": args.storage_region}
+    try:
+        spec = HardNegativesSpec(mine=True, range=args.range, count=args.count, max_score_ratio=args.max_score_ratio)
+    except ValidationError as exc:
+        for item in exc.errors():
+            flag = re.sub(r"(?<!^)(?=[A-Z])", "-", str(item["loc"][0])).lower()
+            print(f"--{flag}: {item['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    try:
+        with tempfile.TemporaryDirectory(prefix="embedtune-mine-") as work:
+            loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", **storage) for uri in args.inputs])
+            if loaded.problems:
+                raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
+                                 loaded.problems)
+            candidates = (load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", **storage))
+                          if args.candidates else None)
+            model = load_encoder(fetch_to_local(args.model, Path(work) / "model", **storage), _model_overrides(args),
+                                 precision=args.precision)
+            summary = mine_hard_negatives(loaded.records, model, spec, seed=args.seed, candidates=candidates,
+                                          batch_size=args.batch_size)
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    write_jsonl(args.output, (record.to_json() for record in loaded.records))
+    print(f"mined {summary.mined} negatives for {summary.records} records ({summary.short} got fewer than "
+          f"{args.count}; the guard skipped {summary.guarded} candidates) -> {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cutoffs(text: str) -> tuple[int, ...]:
+    from embedtune.trainer.errors import InputError
+
+    try:
+        ks = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        ks = ()
+    if not ks or ks[0] < 1:
+        raise InputError(f"--k {text}: expected positive integers separated by commas, e.g. 1,10,100")
+    return ks
+
+
+def _namespaced_name(text: str) -> tuple[str, str]:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAMESPACE/NAME")
+    return namespace, name
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    """The ModelSpec fields given on the command line (the rest stay the model's own)."""
+    given = {"pooling": args.pooling, "normalize": args.normalize, "query_instruction": args.query_instruction,
+             "passage_instruction": args.passage_instruction, "query_max_length": args.query_max_length,
+             "passage_max_length": args.passage_max_length}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "encoding", "How to encode: needed for a plain Hugging Face checkpoint; for a sentence-transformers "
+        "model, each flag given replaces the model's own setting")
+    group.add_argument("--pooling", choices=["cls", "mean", "lastToken"], default=None)
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalize embeddings (default for a plain checkpoint: on)")
+    group.add_argument("--query-instruction", default=None, help="prefix prepended to every query")
+    group.add_argument("--passage-instruction", default=None, help="prefix prepended to every passage")
+    group.add_argument("--query-max-length", type=_positive_int, default=None, help="query length limit in tokens")
+    group.add_argument("--passage-max-length", type=_positive_int, default=None, help="passage length limit in tokens")
+    group.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
+    group.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                       help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
+
+
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-endpoint", default=None, help="S3 endpoint URL (MinIO, Ceph ...)")
+    parser.add_argument("--storage-region", default=None, help="S3 region")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune text-embedding models for retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -96,6 +213,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="trainer config (YAML or JSON)")
     train.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: one per GPU, or 1)")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="retrieval metrics of a model (and its baseline) on an evaluation set",
+        description="Encode an evaluation set (queries.jsonl, corpus.jsonl, qrels.jsonl) with each model, "
+        "retrieve with faiss and print nDCG, Recall, MRR, MAP and P at every k, averaged over all queries. "
+        "Exits 2 when the evaluation set or a model is unusable.")
+    evaluate.add_argument("--model", required=True, help="fine-tuned model: path, s3:// URI or model id")
+    evaluate.add_argument("--baseline", default=None, help="model to compare with (e.g. the base model)")
+    evaluate.add_argument("--eval-set", required=True, help="directory or s3:// prefix of the evaluation set")
+    evaluate.add_argument("--k", default="1,10,100", help="cutoffs, comma-separated (default: 1,10,100)")
+    evaluate.add_argument("--output", default=None, help="write metrics.json here (path or s3:// URI)")
+    evaluate.add_argument("--patch-status", type=_namespaced_name, default=None, metavar="NAMESPACE/NAME",
+                          help="patch the metrics into this EmbeddingFinetune's status.metrics")
+    evaluate.add_argument("--index", choices=["exact", "ivf", "hnsw"], default="exact",
+                          help="faiss search: exact (default) or approximate for large corpora")
+    _add_model_flags(evaluate)
+    _add_storage_flags(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+
+    mine = commands.add_parser(
+        "mine", help="add hard negatives to training data, retrieved with a model",
+        description="For every record, retrieve passages with the model (faiss, exact) and add COUNT negatives "
+        "sampled (seeded) from the ranks FIRST+1..LAST, never a positive of the query, the query itself or a "
+        "negative it already has. Writes FlagEmbedding JSONL; exits 2 on invalid input.")
+    mine.add_argument("inputs", nargs="+", metavar="INPUT", help="FlagEmbedding JSONL file/directory (or s3:// URI)")
+    mine.add_argument("--model", required=True, help="model: path, s3:// URI or model id")
+    mine.add_argument("--output", required=True, type=Path, help="JSONL file to write")
+    mine.add_argument("--range", default="10-100", help="FIRST-LAST ranks to sample from (default: 10-100)")
+    mine.add_argument("--count", type=int, default=7, help="negatives to add per record (default: 7)")
+    mine.add_argument("--max-score-ratio", type=float, default=None,
+                      help="false-negative guard: skip candidates scoring above this fraction of the positive's")
+    mine.add_argument("--candidates", default=None, help='JSONL of {"text": ...} passages to mine from '
+                      "(default: every passage of the inputs)")
+    mine.add_argument("--seed", type=int, default=42)
+    _add_model_flags(mine)
+    _add_storage_flags(mine)
+    mine.set_defaults(func=_mine)
     return parser
 
 

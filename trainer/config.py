@@ -70,6 +70,32 @@ class HuggingFaceSource(CamelModel):
     )
 
 
+def parse_rank_range(text: str) -> tuple[int, int]:
+    """"10-100" -> (10, 100): skip the top 10, sample from ranks 11..100."""
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit()) or int(first) >= int(last):
+        raise ValueError(f"{text!r}: expected FIRST-LAST with FIRST < LAST, e.g. 10-100")
+    return int(first), int(last)
+
+
+class HardNegativesSpec(CamelModel):
+    mine: bool = Field(False, description="Mine hard negatives with the base model before training.")
+    rank_range: str = Field("10-100", alias="range",
+                            description="FIRST-LAST: skip the top FIRST results, sample from ranks FIRST+1..LAST.")
+    count: int = Field(7, ge=1, le=512, description="Negatives mined per record (added to its own).")
+    max_score_ratio: float | None = Field(
+        None, gt=0, le=1, description="False-negative guard: skip candidates scoring above this fraction of "
+        "the query's lowest-scoring positive.")
+    candidates: str | None = Field(
+        None, description="JSONL of {text} passages to mine from (default: every passage of the training data).")
+
+    @field_validator("rank_range")
+    @classmethod
+    def _valid_range(cls, value: str) -> str:
+        parse_rank_range(value)
+        return value
+
+
 class DataSpec(CamelModel):
     train: list[str] = Field(
         default_factory=list,
@@ -79,6 +105,7 @@ class DataSpec(CamelModel):
     held_out_fraction: float | None = Field(
         None, gt=0, lt=1, description="Fraction of queries held out (seeded) as the evaluation set."
     )
+    hard_negatives: HardNegativesSpec | None = Field(None, description="Mine hard negatives with the base model.")
 
     @field_validator("train", mode="before")
     @classmethod

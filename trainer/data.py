@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .config import DataSpec, HuggingFaceSource, StorageSpec
+from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
 from .errors import InputError
 from .storage import fetch_to_local
 
@@ -295,13 +295,19 @@ class PreparedData:
 
 
 def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: Path,
-                          storage: StorageSpec | None = None, *, reuse: bool = False) -> PreparedData:
-    """Validate, split and fill; write `train.jsonl` (and `eval/`) under out_dir.
+                          storage: StorageSpec | None = None, *, model: ModelSpec | None = None,
+                          model_path: str | Path | None = None, reuse: bool = False) -> PreparedData:
+    """Validate, split, mine hard negatives (with the base model `model` at `model_path`,
+    when `spec.hardNegatives.mine`) and fill; write `train.jsonl` (and `eval/`) under out_dir.
 
     Deterministic for the same inputs. With `reuse`, a preparation that another process on
-    this machine just made from the same spec is taken as it is (the input files are read
+    this machine just made from the same inputs is taken as it is (the data is read and mined
     once per machine, not once per GPU)."""
-    fingerprint = hashlib.sha256(json.dumps([spec.to_dict(), group_size, seed]).encode()).hexdigest()
+    mining = spec.hard_negatives is not None and spec.hard_negatives.mine
+    if mining and (model is None or model_path is None):
+        raise ValueError("hard-negative mining needs the base model: pass model and model_path")
+    inputs = [spec.to_dict(), group_size, seed] + ([model.to_dict()] if mining else [])
+    fingerprint = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     summary_file = out_dir / "prepared.json"
     if reuse and summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -319,6 +325,10 @@ def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: P
     if spec.held_out_fraction:
         records, eval_set = split_held_out(records, spec.held_out_fraction, seed)
         eval_set.write(out_dir / "eval")
+    if mining:  # after the split: held-out queries are never mined for
+        from .mining import mine_for_training
+
+        mine_for_training(records, spec.hard_negatives, model, model_path, seed, out_dir / "download", storage)
     added = fill_negatives(records, group_size, seed)
     write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
     prepared = PreparedData(out_dir / "train.jsonl", out_dir / "eval" if eval_set else None, len(records),

@@ -18,6 +18,16 @@ _ST_POOLING = {"cls": "cls", "mean": "mean", "lastToken": "lasttoken"}
 
 
 def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *, extra: dict | None = None) -> Path:
+    model = build_sentence_transformer(hf_dir, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(out_dir))
+    card = {"model": spec.to_dict()} | (extra or {})
+    (out_dir / EMBEDTUNE_MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return out_dir
+
+
+def build_sentence_transformer(hf_dir: Path | str, spec: ModelSpec, *, device: str = "cpu"):
+    """A SentenceTransformer over a plain Hugging Face checkpoint that encodes as `spec` says."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -36,9 +46,4 @@ def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *
         prompts["query"] = spec.query_instruction
     if spec.passage_instruction:
         prompts["document"] = spec.passage_instruction
-    model = SentenceTransformer(modules=modules, prompts=prompts, device="cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(str(out_dir))
-    card = {"model": spec.to_dict()} | (extra or {})
-    (out_dir / EMBEDTUNE_MODEL_CARD).write_text(json.dumps(card, indent=2))
-    return out_dir
+    return SentenceTransformer(modules=modules, prompts=prompts, device=device)

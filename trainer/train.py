@@ -77,10 +77,11 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
 
     resumed: tuple[int, bool] | None = None  # (step, training finished at that step)
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
-        prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
-                                         work / "data", config.storage, reuse=local_rank != 0)
         model_path = str(fetch_to_local(config.model.base, work / "base-model", endpoint=config.storage.endpoint,
                                         region=config.storage.region, download=local_rank == 0))
+        prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
+                                         work / "data", config.storage, model=config.model, model_path=model_path,
+                                         reuse=local_rank != 0)
         if local_rank == 0:
             resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
     # rank 0's choice holds everywhere, so every node resumes the same step

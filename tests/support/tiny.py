@@ -14,9 +14,9 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "what", "is", "about"]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "what", "is", "about"]
+    # transformers 5 ignores `vocab_file=` (every word became [UNK]); it takes the vocabulary itself
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(WORDS) + 8, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128)
