@@ -19,7 +19,7 @@ def minimal_manifest(name: str = "tiny", namespace: str = "default", **spec_over
     """The smallest valid resource; `spec_overrides` replace whole sections."""
     spec = {
         "model": {"base": "BAAI/bge-small-en-v1.5"},
-        "data": {"train": "s3://data/train.jsonl", "heldOutFraction": 0.1},
+        "data": {"train": ["s3://data/train.jsonl"], "heldOutFraction": 0.1},
         "storage": {"uri": "s3://models/embedtune", "credentialsSecret": "s3-creds"},
         "resources": {"nodes": 2, "gpusPerNode": 4},
     }
