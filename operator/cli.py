@@ -146,6 +146,12 @@ def _block_strings():
     return BlockStringDumper
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from embedtune.operator.main import run_operator
+
+    return run_operator(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune text-embedding models for retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -188,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE,
                         help=f"image when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})")
     render.set_defaults(func=_render)
+
+    from embedtune.operator.main import add_arguments
+
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator",
+        description="Reconcile EmbeddingFinetune resources into training and evaluation Jobs (kopf).")
+    add_arguments(operator)
+    operator.set_defaults(func=_operator)
     return parser
 
 

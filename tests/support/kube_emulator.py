@@ -3,12 +3,13 @@
 kmock 0.8 stores and streams objects, but leaves out what the API server adds: identities
 (uid, resourceVersion, generation, creationTimestamp, names from generateName), 201 on
 create, label selectors, the status subresource's separation from the rest, discovery of
-posted CRDs, `kind` in lists, JSON watch streams, and garbage collection through owner
+posted CRDs, the namespace list, `kind` in lists, JSON watch streams, and garbage collection through owner
 references. Each gap is fixed here in the smallest way the operator's tests need.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import itertools
@@ -54,6 +55,25 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 singular=kind.lower())
         # kubectl asks for discovery with a trailing slash.
         self.fallback["get /apis/"] << self._serve_apis
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock cannot even parse the path of the cluster-wide namespace collection.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Every namespace holding an object is a namespace; none is ever added or removed."""
+        if raw_request.query.get("watch") in ("true", "1"):
+            response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(raw_request)
+            await asyncio.sleep(2)  # an empty watch that ends soon: the client simply watches again
+            return response
+        names = sorted({namespace for (_, namespace, _), obj in self.objects.items() if namespace} | {"default"})
+        return aiohttp.web.json_response({
+            "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": str(next(self._versions))},
+            "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names],
+        })
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None:
