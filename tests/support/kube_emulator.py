@@ -60,7 +60,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         # kmock cannot even parse the path of the cluster-wide namespace collection.
         if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
             return await self._serve_namespaces(raw_request)
-        return await super().__call__(raw_request)
+        try:
+            return await super().__call__(raw_request)
+        finally:
+            # kmock matches every request against its whole request log, so a long run slows
+            # down quadratically; nothing here reads the log, so it keeps the requests in flight.
+            self._requests[:] = [request for request in self._requests if request._raw_request is not raw_request]
 
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """Every namespace holding an object is a namespace; none is ever added or removed."""
