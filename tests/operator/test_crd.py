@@ -1,12 +1,15 @@
 import copy
 from pathlib import Path
 
+import celpy
 import jsonschema
 import pytest
 import yaml
+from celpy import celtypes
 
 from embedtune.operator.crd import build_crd, crd_yaml
-from embedtune.operator.spec import EmbeddingFinetuneSpec
+from embedtune.operator.spec import EmbeddingFinetuneSpec, parse_finetune
+from embedtune.trainer.errors import InputError
 from support.finetunes import example_manifests, minimal_manifest
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "embeddingfinetunes.embedtune.io.yaml"
@@ -103,3 +106,56 @@ def broken(path: str, value):
 def test_broken_manifests_fail_the_schema(manifest, where):
     errors = schema_errors(manifest)
     assert any(error.startswith(f"{where}:") for error in errors), errors
+
+
+def failed_cel_rules(manifest) -> list[str]:
+    """The messages of the CRD's CEL rules that `manifest` breaks, evaluated as the API server
+    does: each rule on its object when that object is present (k8s' `split` added)."""
+    def split(text, separator):
+        return celtypes.ListType([celtypes.StringType(part) for part in str(text).split(str(separator))])
+
+    environment = celpy.Environment()
+    failed = []
+
+    def walk(schema, value):
+        if not isinstance(value, dict):
+            return
+        for rule in schema.get("x-kubernetes-validations", []):
+            program = environment.program(environment.compile(rule["rule"]), functions={"split": split})
+            result = program.evaluate({"self": celpy.json_to_cel(value)})
+            if not (isinstance(result, celtypes.BoolType) and bool(result)):
+                failed.append(rule["message"])
+        for name, child in schema.get("properties", {}).items():
+            walk(child, value.get(name))
+
+    walk(crd_schema()["properties"]["spec"], manifest["spec"])
+    return failed
+
+
+@pytest.mark.parametrize("manifest", [*example_manifests(), minimal_manifest()], ids=lambda m: m["metadata"]["name"])
+def test_examples_pass_the_cel_rules(manifest):
+    assert failed_cel_rules(manifest) == []
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"storage": {"uri": "/tmp/models"}}, "uri: must be an s3:// URI; pods share nothing else"),
+    ({"data": {"train": ["s3://d/t.jsonl"]}},
+     "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled"),
+    ({"data": {"train": ["s3://d/t.jsonl"], "heldOutFraction": 0.1, "eval": "s3://d/e"}},
+     "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled"),
+    ({"data": {"heldOutFraction": 0.1}}, "set exactly one of `train` or `huggingFace`"),
+    ({"data": {"train": ["local.jsonl"], "heldOutFraction": 0.1}}, "train: every entry must be an s3:// URI on a cluster"),
+    ({"data": {"train": ["s3://d/t.jsonl"], "eval": "file:///e"}}, "eval: must be an s3:// URI on a cluster"),
+    ({"evaluation": {"gate": {"metric": "ndcg@5"}}}, "gate.metric: k must be one of kValues"),
+    ({"evaluation": {"kValues": [5], "gate": {"metric": "recall@10"}}}, "gate.metric: k must be one of kValues"),
+])
+def test_cel_rules_refuse_what_the_operator_refuses(overrides, message):
+    manifest = minimal_manifest(**copy.deepcopy(overrides))
+    assert failed_cel_rules(manifest) == [message]
+    with pytest.raises(InputError):
+        parse_finetune(manifest)
+
+
+def test_cel_rules_allow_no_eval_set_when_evaluation_is_off():
+    manifest = minimal_manifest(data={"train": ["s3://d/t.jsonl"]}, evaluation={"enabled": False})
+    assert failed_cel_rules(manifest) == []
