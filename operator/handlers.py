@@ -73,6 +73,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str) -> Plan | None:
     with memo.locks[(namespace, name)], metrics.reconciling():
         finetune = kube.get_finetune(namespace, name)
         if finetune is None or finetune["metadata"].get("deletionTimestamp"):
+            metrics.forget(namespace, name)
             return None  # deleted: the children go by their owner references
         selector = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_FINETUNE: name}
         jobs = kube.list("batch/v1", "Job", namespace, selector)

@@ -257,7 +257,7 @@ class _Planner:
         failure = classify_failure(job, self.pods_of(name), TRAINER_CONTAINER)
         if failure.kind is FailureKind.INPUT:
             self.set_phase(Phase.FAILED, Reason.INPUT_ERROR, f"{failure.reason}: {failure.message}", warning=True)
-        elif failure.kind is FailureKind.DEADLINE:
+        elif not failure.retryable:
             self.set_phase(Phase.FAILED, Reason.DEADLINE_EXCEEDED, failure.message, warning=True)
         elif self.training("restarts") >= spec.run_policy.max_restarts:
             self.set_phase(Phase.FAILED, Reason.RESTARTS_EXHAUSTED,

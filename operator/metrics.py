@@ -36,6 +36,12 @@ def reconciling() -> Iterator[None]:
     RECONCILES.labels(result="ok").inc()
 
 
+def forget(namespace: str, name: str) -> None:
+    """A deleted resource no longer counts in any phase."""
+    if _phases.pop((namespace, name), None) is not None:
+        _set_run_counts()
+
+
 def observe_plan(finetune: dict[str, Any], plan: "Plan", now: datetime.datetime) -> None:
     from .lifecycle import parse_timestamp
 
@@ -49,5 +55,9 @@ def observe_plan(finetune: dict[str, Any], plan: "Plan", now: datetime.datetime)
         PHASE_SECONDS.labels(phase=old_phase).observe(spent)
     key = (finetune["metadata"]["namespace"], finetune["metadata"]["name"])
     _phases[key] = new_phase
+    _set_run_counts()
+
+
+def _set_run_counts() -> None:
     for phase in Phase:
         RUNS.labels(phase=phase.value).set(sum(1 for value in _phases.values() if value == phase.value))

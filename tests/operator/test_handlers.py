@@ -32,6 +32,10 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     assert kinds == {("Service", "happy-train"), ("ConfigMap", "happy-config-1"),
                      ("ServiceAccount", "happy-embedtune"), ("Role", "happy-embedtune"),
                      ("RoleBinding", "happy-embedtune")}
+    # kopf's bookkeeping is under our own prefix.
+    annotations = await cluster.eventually(
+        lambda: cluster.get(FINETUNES, "happy")["metadata"].get("annotations"), what="kopf's annotations")
+    assert all(key.startswith("embedtune.io/") for key in annotations), annotations
     owner = cluster.get(FINETUNES, "happy")["metadata"]["uid"]
     assert cluster.get(JOBS, "happy-train-1-1")["metadata"]["ownerReferences"][0]["uid"] == owner
 
