@@ -30,6 +30,9 @@ TRAINER_CONFIG_KEY = "trainer.yaml"
 TRAINER_CONFIG_DIR = "/etc/embedtune"
 MASTER_PORT = 29500
 
+# How often every resource is reconciled even when nothing seems to happen.
+RESYNC_SECONDS = 300
+
 # A Job's pod hostname is `<job>-<index>` and must fit a 63-character DNS label; the job name
 # adds `-train-<run>-<attempt>` to the resource name, so the resource name is capped.
 MAX_NAME_LENGTH = 40

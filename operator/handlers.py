@@ -26,6 +26,7 @@ from .constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
     PLURAL,
+    RESYNC_SECONDS,
     VERSION,
 )
 from .failures import job_failed
@@ -58,6 +59,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def finetune_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    reconcile(memo, namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def finetune_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    # A safety net: a Job event whose reconcile failed is not retried by kopf.
     reconcile(memo, namespace, name)
 
 

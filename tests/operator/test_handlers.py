@@ -36,6 +36,7 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     annotations = await cluster.eventually(
         lambda: cluster.get(FINETUNES, "happy")["metadata"].get("annotations"), what="kopf's annotations")
     assert all(key.startswith("embedtune.io/") for key in annotations), annotations
+    assert cluster.get(FINETUNES, "happy")["metadata"]["finalizers"] == ["embedtune.io/finalizer"]
     owner = cluster.get(FINETUNES, "happy")["metadata"]["uid"]
     assert cluster.get(JOBS, "happy-train-1-1")["metadata"]["ownerReferences"][0]["uid"] == owner
 

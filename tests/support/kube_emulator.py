@@ -95,7 +95,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             response.content_type = "application/json"
         if request.action == enums.action.CREATE and request.resource.plural == "customresourcedefinitions":
             self._discover_crd(request.data)
-        if request.action == enums.action.DELETE:
+        if request.action in (enums.action.DELETE, enums.action.UPDATE) and self._gone(request):
             await self._collect_garbage()
         return response
 
@@ -128,6 +128,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             metadata["resourceVersion"] = str(next(self._versions))
             if changed.get("spec") != current.get("spec"):
                 metadata["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+
+    def _gone(self, request: rendering.Request) -> bool:
+        """Deleted by this request: directly, or by its removing the last finalizer."""
+        key = (request.resource, request.namespace, request.name)
+        return key in self.objects and self.objects[key].deleted
 
     def _is_namespaced(self, request: rendering.Request) -> bool:
         for resource in self.resources:
