@@ -144,7 +144,10 @@ class _Planner:
         trained = self.jobs.get(training_job_name(run, self.training("attempt")))
         if spec.run_policy.suspend:
             self.suspend(run)
-        elif phase is Phase.EVALUATING or (phase is Phase.SUSPENDED and trained and job_succeeded(trained)):
+        elif phase is Phase.EVALUATING:
+            self.evaluate(spec, run)
+        elif phase is Phase.SUSPENDED and trained and job_succeeded(trained):
+            self.set_phase(Phase.EVALUATING, Reason.RESUMED, "resumed: evaluating the trained model")
             self.evaluate(spec, run)
         else:
             self.train(spec, run, resumed=phase is Phase.SUSPENDED)
@@ -165,7 +168,6 @@ class _Planner:
             "model": None,
             "evaluation": None,
             "metrics": None,
-            "phase": Phase.PENDING.value,
         })
         existing = [c for c in self.status.get("conditions") or [] if c["type"] != Condition.QUALITY_GATE]
         self.plan.status["conditions"] = existing

@@ -65,3 +65,13 @@ def test_an_attempt_gets_what_is_left_of_the_runs_deadline():
     expired = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], "img",
                              NOW + datetime.timedelta(seconds=601))
     assert expired.create == [] and expired.status["reason"] == "DeadlineExceeded"
+
+
+def test_resuming_after_training_finished_goes_on_to_evaluate():
+    first = plan_reconcile(finetune(), [], [], "img", NOW)
+    status = first.status | {"phase": "Suspended", "reason": "Suspended"}
+    trained = next(obj for obj in first.create if obj["kind"] == "Job")
+    trained["status"] = {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
+    plan = plan_reconcile(finetune(status=status), [trained], [], "img", NOW)
+    assert plan.status["phase"] == "Evaluating" and plan.status["reason"] == "Resumed"
+    assert [obj["metadata"]["name"] for obj in plan.create] == ["t-eval-1"]
