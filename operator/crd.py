@@ -100,7 +100,8 @@ _STATUS_SCHEMA: dict[str, Any] = {
 _PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.training.step"},
-    {"name": "nDCG@10", "type": "number", "jsonPath": ".status.metrics.finetuned.ndcg@10"},
+    # `@` starts a filter in JSONPath; escaped, it is part of the key (checked with kubectl).
+    {"name": "nDCG@10", "type": "number", "jsonPath": ".status.metrics.finetuned.ndcg\\@10"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

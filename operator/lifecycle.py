@@ -138,6 +138,7 @@ class _Planner:
         if self.status.get("specFingerprint") != spec.run_fingerprint():
             self.start_run(spec)
         run = Run(self.metadata["namespace"], self.metadata["name"], self.current("runId"))
+        self.drop_superseded_reports(run.run_id)
         phase = Phase(self.current("phase"))
         if phase.finished:
             return self.plan
@@ -173,6 +174,13 @@ class _Planner:
         self.plan.status["conditions"] = existing
         message = f"run {run_id} started" + (f", replacing run {previous_run}" if previous_run else "")
         self.set_phase(Phase.PENDING, Reason.NEW_RUN, message)
+
+    def drop_superseded_reports(self, run_id: str) -> None:
+        """A pod of a replaced run may still report before it stops; its reports carry its runId."""
+        if self.training("runId") not in (None, run_id):
+            self.update_training(**dict.fromkeys(TRAINER_PROGRESS_FIELDS))
+        if (self.current("checkpoint") or {}).get("runId") not in (None, run_id):
+            self.plan.status["checkpoint"] = None
 
     def archive_run(self, spec: EmbeddingFinetuneSpec, run_id: str) -> None:
         entry = {

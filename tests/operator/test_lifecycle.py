@@ -75,3 +75,13 @@ def test_resuming_after_training_finished_goes_on_to_evaluate():
     plan = plan_reconcile(finetune(status=status), [trained], [], "img", NOW)
     assert plan.status["phase"] == "Evaluating" and plan.status["reason"] == "Resumed"
     assert [obj["metadata"]["name"] for obj in plan.create] == ["t-eval-1"]
+
+
+def test_reports_of_a_replaced_run_are_dropped():
+    first = plan_reconcile(finetune(2), [], [], "img", NOW)
+    late_reports = {"training": first.status["training"] | {"step": 900, "runId": "1"},
+                    "checkpoint": {"step": 900, "uri": "s3://m/run-1/checkpoints/checkpoint-900", "runId": "1"}}
+    plan = plan_reconcile(finetune(2, status=first.status | late_reports), [], [], "img", NOW)
+    assert plan.status["training"]["step"] is None and plan.status["checkpoint"] is None
+    current = {"training": first.status["training"] | {"step": 10, "runId": "2"}}
+    assert "checkpoint" not in plan_reconcile(finetune(2, status=first.status | current), [], [], "img", NOW).status

@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from support.cluster import JOBS, Cluster
+from embedtune.operator.crd import build_crd
+from support.cluster import FINETUNES, JOBS, Cluster
 from support.finetunes import EXAMPLES, minimal_manifest
 
 pytestmark = [
@@ -31,9 +32,9 @@ def free_port() -> int:
 
 async def run(*command: str) -> str:
     process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.STDOUT)
-    output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
+                                                   stderr=asyncio.subprocess.PIPE)
+    output, errors = await process.communicate()
+    assert process.returncode == 0, errors.decode()
     return output.decode()
 
 
@@ -68,8 +69,15 @@ async def test_kubectl_applied_example_becomes_a_training_job(cluster, operator_
     status, text = await http_get(f"http://127.0.0.1:{metrics}/metrics")
     assert 'embedtune_reconciles_total{result="ok"}' in text
     assert 'embedtune_runs{phase="Pending"} 1.0' in text
-    printed = await run(KUBECTL, "get", "eft", "-n", "ml")
-    assert "finance-bge" in printed
+    # The CRD's printer columns, as kubectl evaluates their JSONPaths.
+    await ml.patch_status(FINETUNES, "finance-bge", {"metrics": {"finetuned": {"ndcg@10": 0.61}}})
+    columns = ",".join(f"{c['name']}:{c['jsonPath']}" for c in build_crd()["spec"]["versions"][0][
+        "additionalPrinterColumns"])
+    printed = await run(KUBECTL, "get", "eft", "-n", "ml", "-o", f"custom-columns={columns}")
+    print(printed)
+    header, row = printed.splitlines()
+    assert header.split() == ["Phase", "Step", "nDCG@10", "Age"]
+    assert row.split()[0] == "Pending" and row.split()[2] == "0.61"
 
 
 async def test_other_namespaces_are_not_served(cluster, operator_process):
