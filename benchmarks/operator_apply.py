@@ -51,6 +51,11 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -80,6 +85,8 @@ async def benchmark(count: int, timeout: float) -> dict[str, float]:
                 while len(emulator.job_created) < count and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)
                 rss = peak_rss_mib(operator.pid)
+                operator_cpu = cpu_seconds(operator.pid)
+                emulator_cpu = cpu_seconds(os.getpid())
             finally:
                 operator.terminate()
                 await operator.wait()
@@ -92,6 +99,8 @@ async def benchmark(count: int, timeout: float) -> dict[str, float]:
         "p99_seconds": percentile(latencies, 0.99),
         "max_seconds": max(latencies),
         "operator_peak_rss_mib": rss,
+        "operator_cpu_seconds": operator_cpu,
+        "emulator_cpu_seconds": emulator_cpu,
     }
 
 

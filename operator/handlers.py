@@ -70,8 +70,10 @@ def finetune_resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> Non
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FINETUNE: kopf.PRESENT})
 def job_changed(type: str | None, namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
-    if type is None:
-        return  # the initial listing: the resources' resume handlers reconcile them anyway
+    # The initial listing: the resources' resume handlers reconcile them anyway. An added Job
+    # was created by a reconcile that has already accounted for it.
+    if type in (None, "ADDED"):
+        return
     reconcile(memo, namespace, labels[LABEL_FINETUNE])
 
 
@@ -100,6 +102,9 @@ def apply_plan(kube: Kube, finetune: dict[str, Any], plan: Plan) -> None:
     for child in plan.create:
         kopf.adopt(child, owner=finetune)
         kube.create_if_absent(child)
-    kube.patch_finetune_status(namespace, finetune["metadata"]["name"], plan.status)
+    current = finetune.get("status") or {}
+    changes = {key: value for key, value in plan.status.items() if current.get(key) != value}
+    if changes:
+        kube.patch_finetune_status(namespace, finetune["metadata"]["name"], changes)
     for event in plan.events:
         kopf.event(finetune, type=event.type, reason=event.reason.value, message=event.message)
