@@ -121,10 +121,10 @@ def _render(args: argparse.Namespace) -> int:
             metadata = manifest["metadata"]
             run = Run(metadata.get("namespace") or args.namespace, metadata["name"],
                       str(metadata.get("generation", 1)))
-            objects += build_run_objects(spec, run, spec.resources.image or args.trainer_image,
-                                         deadline_seconds=spec.run_policy.active_deadline_seconds)
+            image = spec.resources.image or args.trainer_image
+            objects += build_run_objects(spec, run, image, deadline_seconds=spec.run_policy.active_deadline_seconds)
             if spec.evaluation.enabled:
-                objects.append(build_evaluation_job(spec, run, spec.resources.image or args.trainer_image))
+                objects.append(build_evaluation_job(spec, run, image))
     except InputError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_INPUT_ERROR
