@@ -69,6 +69,7 @@ def test_credentials_only_by_secret_reference():
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert "value" not in env[key]
             assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
+    # The test process has AWS_* credentials in its environment (conftest); none may leak in.
     rendered = yaml.safe_dump_all(build_run_objects(spec_of(), RUN, IMAGE))
     assert "testing" not in rendered
 
