@@ -83,7 +83,7 @@ _STATUS_SCHEMA: dict[str, Any] = {
         "checkpoint": {"type": "object", "properties": {
             "step": {"type": "integer"}, "uri": {"type": "string"}, "runId": {"type": "string"}}},
         "model": {"type": "object", "properties": {"uri": {"type": "string"}}},
-        "evaluation": {"type": "object", "properties": {"job": {"type": "string"}}},
+        "evaluation": {"type": "object", "properties": {"job": {"type": "string"}, "attempt": {"type": "integer"}}},
         "metrics": {
             "type": "object",
             "description": "baseline, finetuned and delta: metric@k -> value.",

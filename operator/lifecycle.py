@@ -206,7 +206,8 @@ class _Planner:
         self.plan.status["training"] = {**(self.plan.status.get("training") or {}), **values}
 
     def suspend(self, run: Run) -> None:
-        running = [name for name in (training_job_name(run, self.training("attempt")), evaluation_job_name(run))
+        running = [name for name in (training_job_name(run, self.training("attempt")),
+                                     evaluation_job_name(run, self.evaluation_attempt()))
                    if name in self.jobs and not (job_succeeded(self.jobs[name]) or job_failed(self.jobs[name]))]
         self.plan.delete_jobs += running
         self.set_phase(Phase.SUSPENDED, Reason.SUSPENDED,
@@ -282,18 +283,30 @@ class _Planner:
                            f"{spec.run_policy.max_restarts} resumes from the last checkpoint", warning=True)
             self.create_training_job(spec, run, attempt)
 
+    def evaluation_attempt(self) -> int:
+        return (self.current("evaluation") or {}).get("attempt", 1)
+
     def evaluate(self, spec: EmbeddingFinetuneSpec, run: Run) -> None:
-        name = evaluation_job_name(run)
+        attempt = self.evaluation_attempt()
+        name = evaluation_job_name(run, attempt)
         job = self.jobs.get(name)
-        self.plan.status["evaluation"] = {"job": name}
+        self.plan.status["evaluation"] = {"job": name, "attempt": attempt}
         if job is None:
-            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image or self.default_image))
+            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image or self.default_image, attempt))
         elif job_succeeded(job):
             self.evaluated(spec, name)
         elif job_failed(job):
             failure = classify_failure(job, self.pods_of(name), EVALUATOR_CONTAINER)
-            self.set_phase(Phase.FAILED, Reason.EVALUATION_FAILED,
-                           f"evaluation job {name}: {failure.reason}: {failure.message}", warning=True)
+            if failure.retryable and attempt <= spec.run_policy.max_restarts:
+                # Evaluation starts over from the stored model; its retries have their own count.
+                self.plan.status["evaluation"] = {"job": evaluation_job_name(run, attempt + 1), "attempt": attempt + 1}
+                self.set_phase(Phase.EVALUATING, Reason.INFRASTRUCTURE_FAILURE,
+                               f"evaluation job {name}: {failure.reason}: {failure.message}; retry {attempt} of "
+                               f"{spec.run_policy.max_restarts}", warning=True)
+                self.evaluate(spec, run)
+            else:
+                self.set_phase(Phase.FAILED, Reason.EVALUATION_FAILED,
+                               f"evaluation job {name}: {failure.reason}: {failure.message}", warning=True)
 
     def evaluated(self, spec: EmbeddingFinetuneSpec, name: str) -> None:
         metrics = self.current("metrics")

@@ -63,8 +63,8 @@ def training_job_name(run: Run, attempt: int) -> str:
     return f"{run.name}-train-{run.run_id}-{attempt}"
 
 
-def evaluation_job_name(run: Run) -> str:
-    return f"{run.name}-eval-{run.run_id}"
+def evaluation_job_name(run: Run, attempt: int) -> str:
+    return f"{run.name}-eval-{run.run_id}-{attempt}"
 
 
 def storage_uri(spec: EmbeddingFinetuneSpec, prefix: str) -> str:
@@ -323,7 +323,7 @@ def build_evaluation_command(spec: EmbeddingFinetuneSpec, run: Run, namespace_na
     return command
 
 
-def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str) -> dict[str, Any]:
+def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1) -> dict[str, Any]:
     container = {
         "name": EVALUATOR_CONTAINER,
         "image": image,
@@ -337,8 +337,8 @@ def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str) -> d
         "volumeMounts": [{"name": "scratch", "mountPath": WORK_DIR}],
     }
     pod_spec = _pod_spec(spec, run, container, [{"name": "scratch", "emptyDir": {}}])
-    return _job(evaluation_job_name(run), run, Role.EVALUATE, completions=1, pod_spec=pod_spec,
-                extra_labels={}, deadline_seconds=None)
+    return _job(evaluation_job_name(run, attempt), run, Role.EVALUATE, completions=1, pod_spec=pod_spec,
+                extra_labels={LABEL_ATTEMPT: str(attempt)}, deadline_seconds=None)
 
 
 def build_run_objects(spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1,

@@ -45,10 +45,10 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     await cluster.job_succeeded("happy-train-1-1")
     status = await cluster.phase_becomes("happy", "Evaluating")
     assert status["model"]["uri"] == "s3://models/embedtune/default/happy/run-1/model"
-    await cluster.eventually(lambda: cluster.get(JOBS, "happy-eval-1"), what="evaluation job")
+    await cluster.eventually(lambda: cluster.get(JOBS, "happy-eval-1-1"), what="evaluation job")
 
     await cluster.patch_status(FINETUNES, "happy", {"metrics": METRICS})
-    await cluster.job_succeeded("happy-eval-1")
+    await cluster.job_succeeded("happy-eval-1-1")
     status = await cluster.phase_becomes("happy", "Succeeded")
     assert status["metrics"]["finetuned"]["ndcg@10"] == 0.52
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -201,9 +201,9 @@ async def test_deadline_exceeded_fails_the_run(cluster, operator):
 async def test_quality_gate_not_met_fails_the_run(cluster, operator):
     await cluster.apply(minimal_manifest("meh", evaluation={"gate": {"metric": "ndcg@10", "minImprovement": 0.2}}))
     await train_to_success(cluster, "meh-train-1-1")
-    await cluster.eventually(lambda: cluster.get(JOBS, "meh-eval-1"), what="evaluation job")
+    await cluster.eventually(lambda: cluster.get(JOBS, "meh-eval-1-1"), what="evaluation job")
     await cluster.patch_status(FINETUNES, "meh", {"metrics": METRICS})
-    await cluster.job_succeeded("meh-eval-1")
+    await cluster.job_succeeded("meh-eval-1-1")
     status = await cluster.phase_becomes("meh", "Failed")
     assert status["reason"] == "GateNotMet"
     gate = next(c for c in status["conditions"] if c["type"] == "QualityGate")
@@ -213,8 +213,21 @@ async def test_quality_gate_not_met_fails_the_run(cluster, operator):
 async def test_evaluation_input_error_fails_the_run(cluster, operator):
     await cluster.apply(minimal_manifest("noeval"))
     await train_to_success(cluster, "noeval-train-1-1")
-    await cluster.eventually(lambda: cluster.get(JOBS, "noeval-eval-1"), what="evaluation job")
-    await cluster.job_failed("noeval-eval-1", exit_code=2,
+    await cluster.eventually(lambda: cluster.get(JOBS, "noeval-eval-1-1"), what="evaluation job")
+    await cluster.job_failed("noeval-eval-1-1", exit_code=2,
                              message='{"reason": "InvalidEvalSet", "message": "qrels.jsonl: missing"}')
     status = await cluster.phase_becomes("noeval", "Failed")
     assert status["reason"] == "EvaluationFailed" and "qrels.jsonl: missing" in status["message"]
+
+
+async def test_evaluation_lost_to_infrastructure_is_retried(cluster, operator):
+    await cluster.apply(minimal_manifest("evicted", runPolicy={"maxRestarts": 1}))
+    await train_to_success(cluster, "evicted-train-1-1")
+    await cluster.eventually(lambda: cluster.get(JOBS, "evicted-eval-1-1"), what="evaluation job")
+    await cluster.job_failed("evicted-eval-1-1", exit_code=137, reason="OOMKilled")
+    await cluster.eventually(lambda: cluster.get(JOBS, "evicted-eval-1-2"), what="second evaluation job")
+    await cluster.patch_status(FINETUNES, "evicted", {"metrics": METRICS})
+    await cluster.job_succeeded("evicted-eval-1-2")
+    status = await cluster.phase_becomes("evicted", "Succeeded")
+    assert status["evaluation"] == {"job": "evicted-eval-1-2", "attempt": 2}
+    assert cluster.job_names() == ["evicted-eval-1-1", "evicted-eval-1-2", "evicted-train-1-1"]

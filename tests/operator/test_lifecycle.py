@@ -74,7 +74,7 @@ def test_resuming_after_training_finished_goes_on_to_evaluate():
     trained["status"] = {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
     plan = plan_reconcile(finetune(status=status), [trained], [], "img", NOW)
     assert plan.status["phase"] == "Evaluating" and plan.status["reason"] == "Resumed"
-    assert [obj["metadata"]["name"] for obj in plan.create] == ["t-eval-1"]
+    assert [obj["metadata"]["name"] for obj in plan.create] == ["t-eval-1-1"]
 
 
 def test_reports_of_a_replaced_run_are_dropped():

@@ -140,7 +140,7 @@ def test_role_may_patch_only_this_resources_status():
 def test_evaluation_job_follows_the_contract():
     job = build_evaluation_job(spec_of(storage={"uri": "s3://m/p", "endpoint": "http://minio:9000",
                                                 "region": "eu-1"}), RUN, IMAGE)
-    assert job["metadata"]["name"] == "tiny-eval-3" and job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["name"] == "tiny-eval-3-1" and job["spec"]["backoffLimit"] == 0
     assert container_of(job)["command"] == [
         "embedtune", "evaluate",
         "--model", "s3://m/p/ml/tiny/run-3/model",
