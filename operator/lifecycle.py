@@ -59,10 +59,6 @@ class Plan:
     delete_jobs: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
-    @property
-    def phase(self) -> Phase | None:
-        return Phase(self.status["phase"]) if "phase" in self.status else None
-
 
 def timestamp(now: datetime.datetime) -> str:
     return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

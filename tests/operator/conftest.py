@@ -1,6 +1,5 @@
 import asyncio
 
-import pytest
 import pytest_asyncio
 from kopf.testing import KopfRunner
 
