@@ -190,6 +190,89 @@ def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-region", default=None, help="S3 region")
 
 
+def _read_manifests(path: Path) -> list:
+    import yaml
+
+    from embedtune.trainer.errors import InputError
+
+    try:
+        return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from embedtune.operator.spec import parse_finetune
+    from embedtune.trainer.errors import InputError
+
+    failed = False
+    try:
+        manifests = _read_manifests(args.file)
+        if not manifests:
+            raise InputError(f"{args.file}: no manifest in the file")
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    for manifest in manifests:
+        try:
+            parse_finetune(manifest)
+        except InputError as exc:
+            failed = True
+            print(exc.report(), file=sys.stderr)
+    if failed:
+        return EXIT_INPUT_ERROR
+    print(f"ok: {len(manifests)} valid manifest(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from embedtune.operator.render import Run, build_evaluation_job, build_run_objects
+    from embedtune.operator.spec import parse_finetune
+    from embedtune.trainer.errors import InputError
+
+    objects = []
+    dumper = _block_strings()
+    try:
+        for manifest in _read_manifests(args.file):
+            spec = parse_finetune(manifest)
+            metadata = manifest["metadata"]
+            run = Run(metadata.get("namespace") or args.namespace, metadata["name"],
+                      str(metadata.get("generation", 1)))
+            image = spec.resources.image or args.trainer_image
+            objects += build_run_objects(spec, run, image, deadline_seconds=spec.run_policy.active_deadline_seconds)
+            if spec.evaluation.enabled:
+                objects.append(build_evaluation_job(spec, run, image))
+    except InputError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    print(yaml.dump_all(objects, Dumper=dumper, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _block_strings():
+    import yaml
+
+    class BlockStringDumper(yaml.SafeDumper):
+        """Multi-line strings (the trainer config in its ConfigMap) as readable `|` blocks."""
+
+    def represent_str(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    BlockStringDumper.add_representer(str, represent_str)
+    return BlockStringDumper
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from embedtune.operator.main import run_operator
+
+    return run_operator(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune text-embedding models for retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -250,6 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(mine)
     _add_storage_flags(mine)
     mine.set_defaults(func=_mine)
+
+    from embedtune.operator.constants import DEFAULT_TRAINER_IMAGE
+
+    validate = commands.add_parser(
+        "validate", help="check EmbeddingFinetune manifests; every problem listed, exit 2 if any",
+        description="Check every EmbeddingFinetune in FILE as the operator would, including the rules "
+        "the CRD schema cannot express. Prints `field.path: reason` per problem and exits 2 if any.")
+    validate.add_argument("file", type=Path, help="YAML file with one or more manifests")
+    validate.set_defaults(func=_validate)
+
+    render = commands.add_parser(
+        "render", help="print, as YAML, every object the operator would create",
+        description="Print the ServiceAccount, Role, RoleBinding, headless Service, trainer ConfigMap, "
+        "training Job and evaluation Job of each EmbeddingFinetune in FILE (first run, first attempt).")
+    render.add_argument("file", type=Path, help="YAML file with one or more manifests")
+    render.add_argument("--namespace", default="default", help="for manifests without one (default: default)")
+    render.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE,
+                        help=f"image when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})")
+    render.set_defaults(func=_render)
+
+    from embedtune.operator.main import add_arguments
+
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator",
+        description="Reconcile EmbeddingFinetune resources into training and evaluation Jobs (kopf).")
+    add_arguments(operator)
+    operator.set_defaults(func=_operator)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""The EmbeddingFinetune spec: the trainer's own sections plus what only a cluster needs.
+
+model, data, training, checkpoint and storage are the trainer config's classes, so the
+resource and the trainer cannot drift apart. resources, evaluation and runPolicy exist only
+here. `parse_finetune` validates a manifest completely and lists every problem with the
+field path a user edits, including the rules the CRD schema cannot express.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+
+from embedtune.trainer.config import (
+    CamelModel,
+    CheckpointSpec,
+    DataSpec,
+    ModelSpec,
+    StorageSpec,
+    TrainingSpec,
+    problems_from_validation_error,
+)
+from embedtune.trainer.errors import InputError
+
+from .constants import API_VERSION, KIND, MAX_NAME_LENGTH
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+_GATE_METRIC = re.compile(r"^(ndcg|recall|mrr|map|precision)@([0-9]+)$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class FinetuneDataSpec(DataSpec):
+    eval: str | None = Field(
+        None,
+        description="Storage URI of an evaluation set (queries.jsonl, corpus.jsonl, qrels.jsonl); "
+        "alternative to heldOutFraction.",
+    )
+
+    def for_trainer(self) -> DataSpec:
+        """The trainer reads only the training sources; the evaluation job gets `eval`."""
+        return DataSpec.model_validate(self.model_dump(exclude={"eval"}))
+
+
+class Toleration(CamelModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(CamelModel):
+    nodes: int = Field(1, ge=1, le=1024, description="Training pods (torchrun nodes), one Job completion index each.")
+    gpus_per_node: int = Field(1, ge=1, le=64, description="nvidia.com/gpu per pod; torchrun's --nproc-per-node.")
+    image: str | None = Field(None, description="Trainer image; the operator's default when unset.")
+    cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
+    memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")
+    shared_memory: str = Field("16Gi", pattern=_QUANTITY, description="Size of /dev/shm (NCCL, dataloader workers).")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    scheduler_name: str | None = Field(None, description="E.g. a gang scheduler such as volcano.")
+    service_account_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations of the job pods' service account, e.g. eks.amazonaws.com/role-arn for IRSA.",
+    )
+
+
+class QualityGate(CamelModel):
+    metric: str = Field("ndcg@10", pattern=_GATE_METRIC.pattern, description="<metric>@<k>, k one of kValues.")
+    min_improvement: float = Field(0.0, description="Fine-tuned minus baseline must be at least this.")
+
+
+class EvaluationSpec(CamelModel):
+    enabled: bool = Field(True, description="Run the evaluation job after training.")
+    k_values: list[Annotated[int, Field(ge=1, le=10000)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics.")
+    gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
+    gate: QualityGate | None = Field(None, description="Fail the run when the fine-tuned model does not improve enough.")
+
+
+class RunPolicySpec(CamelModel):
+    max_restarts: int = Field(3, ge=0, le=100, description="New Job attempts after infrastructure failures.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail a run that trains longer than this.")
+    suspend: bool = Field(False, description="Remove the running Job (checkpoints stay); false resumes.")
+    history_limit: int = Field(5, ge=0, le=50, description="Finished runs kept in status.history.")
+
+
+class EmbeddingFinetuneSpec(CamelModel):
+    model: ModelSpec
+    data: FinetuneDataSpec
+    training: TrainingSpec = TrainingSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    storage: StorageSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    run_policy: RunPolicySpec = RunPolicySpec()
+
+    def run_fingerprint(self) -> str:
+        """Changes exactly when a change of the spec needs a new run: runPolicy does not."""
+        relevant = self.model_dump(mode="json", exclude={"run_policy"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cross_field_problems(spec: EmbeddingFinetuneSpec) -> list[str]:
+    """Rules between fields, each as `spec.path: reason` (the CEL rules in the CRD mirror them)."""
+    problems = []
+    if not spec.storage.uri.startswith("s3://"):
+        problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")
+    for index, uri in enumerate(spec.data.train):
+        if not uri.startswith("s3://"):
+            problems.append(f"spec.data.train.{index}: must be an s3:// URI on a cluster")
+    if spec.evaluation.enabled:
+        if (spec.data.held_out_fraction is None) == (spec.data.eval is None):
+            problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
+        if spec.data.eval is not None and not spec.data.eval.startswith("s3://"):
+            problems.append("spec.data.eval: must be an s3:// URI on a cluster")
+    if spec.evaluation.gate is not None:
+        match = _GATE_METRIC.match(spec.evaluation.gate.metric)
+        if match and int(match.group(2)) not in spec.evaluation.k_values:
+            problems.append(
+                f"spec.evaluation.gate.metric: k={match.group(2)} must be one of evaluation.kValues "
+                f"{spec.evaluation.k_values}")
+        if not spec.evaluation.enabled:
+            problems.append("spec.evaluation.gate: needs evaluation.enabled: true")
+    return problems
+
+
+def parse_finetune(manifest: Any) -> EmbeddingFinetuneSpec:
+    """The spec of an EmbeddingFinetune manifest; InputError lists every problem found."""
+    if not isinstance(manifest, dict):
+        raise InputError("not an EmbeddingFinetune manifest", ["(document): must be a mapping"])
+    problems = []
+    if manifest.get("apiVersion") != API_VERSION:
+        problems.append(f"apiVersion: must be {API_VERSION}")
+    if manifest.get("kind") != KIND:
+        problems.append(f"kind: must be {KIND}")
+    name = (manifest.get("metadata") or {}).get("name") or ""
+    if not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
+        problems.append(
+            f"metadata.name: must be a DNS label of at most {MAX_NAME_LENGTH} characters "
+            "(lowercase letters, digits, '-'); the Job and pod names derive from it")
+    spec = None
+    try:
+        spec = EmbeddingFinetuneSpec.model_validate(manifest.get("spec"))
+    except ValidationError as exc:
+        problems.extend(problems_from_validation_error(exc, "spec"))
+    else:
+        # Only a spec whose fields are valid can be checked across fields.
+        problems.extend(cross_field_problems(spec))
+    if problems:
+        raise InputError(f"invalid {KIND} {name or '(unnamed)'}", problems)
+    return spec
+
