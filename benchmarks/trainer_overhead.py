@@ -25,24 +25,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.tiny import synthetic_records, write_jsonl  # noqa: E402
+from support.tiny import build_tiny_bert, synthetic_records, write_jsonl  # noqa: E402
 
 STOCK_RUNTIME = re.compile(r"'train_runtime': '?([\d.]+)")
 OUR_RUNTIME = re.compile(r"train_runtime ([\d.]+)s")
-
-
-def build_model(path: Path) -> Path:
-    """A BERT about the size of bert-small (4 layers, 256 hidden), randomly initialised."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from support.tiny import WORDS
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "what", "is", "about"]))
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=1024, max_position_embeddings=128)).save_pretrained(path)
-    return path
 
 
 def run(command: list[str], env: dict, pattern: re.Pattern) -> float:
@@ -65,7 +51,9 @@ def main() -> None:
     import boto3
 
     tmp = Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
-    model = build_model(tmp / "model")
+    # about bert-mini's size (4 layers, 256 wide), randomly initialised: big enough that
+    # steps are dominated by the model, as they are with real ones
+    model = build_tiny_bert(tmp / "model", hidden=256, layers=4)
     data = write_jsonl(tmp / "train.jsonl", synthetic_records(4000, negatives=7))
     env = os.environ | {"OMP_NUM_THREADS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1",
                         "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -83,6 +83,8 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str) -> Plan | None:
         finetune = kube.get_finetune(namespace, name)
         if finetune is None or finetune["metadata"].get("deletionTimestamp"):
             metrics.forget(namespace, name)
+            # a later reconcile of the same name makes a new lock; this one is no longer needed
+            memo.locks.pop((namespace, name), None)
             return None  # deleted: the children go by their owner references
         selector = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_FINETUNE: name}
         jobs = kube.list("batch/v1", "Job", namespace, selector)

@@ -315,7 +315,16 @@ def build_evaluation_command(spec: EmbeddingFinetuneSpec, run: Run, namespace_na
         "--k", ",".join(str(k) for k in spec.evaluation.k_values),
         "--output", metrics_uri(spec, run),
         "--patch-status", namespace_name,
+        # the same encoding for both models: the base model as the fine-tuned one was trained
+        "--pooling", spec.model.pooling,
+        "--normalize" if spec.model.normalize else "--no-normalize",
+        "--query-max-length", str(spec.model.query_max_length),
+        "--passage-max-length", str(spec.model.passage_max_length),
     ]
+    if spec.model.query_instruction:
+        command += ["--query-instruction", spec.model.query_instruction]
+    if spec.model.passage_instruction:
+        command += ["--passage-instruction", spec.model.passage_instruction]
     if spec.storage.endpoint:
         command += ["--storage-endpoint", spec.storage.endpoint]
     if spec.storage.region:

@@ -149,10 +149,29 @@ def test_evaluation_job_follows_the_contract():
         "--k", "1,10,100",
         "--output", "s3://m/p/ml/tiny/run-3/metrics.json",
         "--patch-status", "ml/tiny",
+        "--pooling", "cls",
+        "--normalize",
+        "--query-max-length", "64",
+        "--passage-max-length", "256",
         "--storage-endpoint", "http://minio:9000",
         "--storage-region", "eu-1",
     ]
     assert container_of(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+
+
+def test_the_baseline_is_encoded_as_the_model_was_trained():
+    model = {"base": "intfloat/e5-base-v2", "pooling": "mean", "normalize": False, "queryInstruction": "query: ",
+             "passageInstruction": "passage: ", "queryMaxLength": 32, "passageMaxLength": 128}
+    command = container_of(build_evaluation_job(spec_of(model=model), RUN, IMAGE))["command"]
+    assert arg_after(command, "--baseline") == "intfloat/e5-base-v2"
+    assert arg_after(command, "--pooling") == "mean" and "--no-normalize" in command
+    assert arg_after(command, "--query-instruction") == "query: "
+    assert arg_after(command, "--passage-instruction") == "passage: "
+    assert arg_after(command, "--query-max-length") == "32" and arg_after(command, "--passage-max-length") == "128"
+    from embedtune.operator.cli import build_parser
+
+    parsed = build_parser().parse_args(command[1:])  # the evaluate command accepts exactly these flags
+    assert parsed.pooling == "mean" and parsed.normalize is False and parsed.query_instruction == "query: "
 
 
 def test_evaluation_uses_the_users_eval_set_without_held_out_split():
