@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=256, help="model width (768 with --layers 12: bert-base)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="queries per device and step")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 needs a GPU")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/trainer_overhead.json"))
     args = parser.parse_args()
 
@@ -51,9 +56,12 @@ def main() -> None:
     import boto3
 
     tmp = Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
-    # about bert-mini's size (4 layers, 256 wide), randomly initialised: big enough that
-    # steps are dominated by the model, as they are with real ones
-    model = build_tiny_bert(tmp / "model", hidden=256, layers=4)
+    # randomly initialised; by default 4 layers, 256 wide (FFN 512), big enough that steps are
+    # dominated by the model, as they are with real ones
+    model = build_tiny_bert(tmp / "model", hidden=args.hidden, layers=args.layers, heads=args.heads)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
     data = write_jsonl(tmp / "train.jsonl", synthetic_records(4000, negatives=7))
     env = os.environ | {"OMP_NUM_THREADS": str(os.cpu_count()), "HF_HUB_OFFLINE": "1",
                         "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -62,7 +70,9 @@ def main() -> None:
     boto3.client("s3", endpoint_url="http://127.0.0.1:5757", aws_access_key_id="bench", aws_secret_access_key="bench",
                  region_name="us-east-1").create_bucket(Bucket="bench")
 
-    common = {"batch": 16, "group": 8, "qlen": 32, "plen": 64, "lr": 1e-5}
+    common = {"batch": args.batch, "group": 8, "qlen": 32, "plen": 64, "lr": 1e-5}
+    # padded token slots one step encodes: queries plus groupSize passages per query
+    tokens_per_step = common["batch"] * (common["qlen"] + common["group"] * common["plen"])
 
     def ours(name: str, storage: str, every: int) -> list[str]:
         config = {
@@ -70,7 +80,7 @@ def main() -> None:
             "data": {"train": str(data)},
             "training": {"maxSteps": args.steps, "batchSizePerDevice": common["batch"], "groupSize": common["group"],
                          "learningRate": common["lr"], "temperature": 0.02, "warmupRatio": 0.0, "loggingSteps": 10,
-                         "negativesCrossDevice": False, "precision": "fp32"},
+                         "negativesCrossDevice": False, "precision": args.precision},
             "checkpoint": {"everySteps": every, "keep": 2},
             "storage": {"uri": storage} | ({"endpoint": "http://127.0.0.1:5757"} if storage.startswith("s3") else {}),
             "run": {"runId": name},
@@ -92,7 +102,9 @@ def main() -> None:
                 "--query_max_len", str(common["qlen"]), "--passage_max_len", str(common["plen"]),
                 "--learning_rate", str(common["lr"]), "--temperature", "0.02", "--logging_steps", "10",
                 "--save_steps", str(args.steps), "--sentence_pooling_method", "cls", "--normalize_embeddings", "True",
-                "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "42"]
+                "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "42",
+                *(["--bf16", "True"] if args.precision == "bf16" else []),
+                *([] if on_gpu else ["--use_cpu", "True"])]
 
     run(ours("prep", str(tmp / "store-prep"), args.steps), env, OUR_RUNTIME)  # prepares the shared data file
     # "final checkpoint only" matches stock (HF always saves the last step); the other two save
@@ -111,7 +123,10 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in results.items()}
     ckpt_size = sum(p.stat().st_size for p in (tmp / "work-c0" / "checkpoints").glob(f"checkpoint-{args.steps}/*") if p.is_file())
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": (torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, "
+                    f"{os.cpu_count()} CPUs"),
+        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads}, "precision": args.precision,
+        "tokensPerStep": tokens_per_step,
         "date": time.strftime("%Y-%m-%d"),
         "steps": args.steps, "repeats": args.repeats, "checkpointEvery": args.checkpoint_every,
         "checkpointBytes": ckpt_size, "runtimes": results, "median": median,
@@ -121,9 +136,10 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2))
-    print(f"\n| run | median train_runtime ({args.steps} steps) |\n|---|---|")
+    print(f"\n| run | median train_runtime ({args.steps} steps) | tokens/s |\n|---|---|---|")
     for key, value in median.items():
-        print(f"| {key} | {value:.2f} s ({value / args.steps * 1000:.0f} ms/step) |")
+        print(f"| {key} | {value:.2f} s ({value / args.steps * 1000:.0f} ms/step) | "
+              f"{tokens_per_step * args.steps / value:,.0f} |")
     print(f"\noverhead vs stock FlagEmbedding: {summary['overheadVsStock'] * 100:+.1f}%")
     print(f"checkpoints every {args.checkpoint_every} steps ({ckpt_size / 1e6:.0f} MB each) uploaded to S3, "
           f"vs only the final one: {summary['checkpointingCost'] * 100:+.1f}% on the run")

@@ -174,7 +174,8 @@ class CheckpointUploader:
         self.keep = keep
         self.on_complete = on_complete
         self.failed: list[int] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload",
+                                        initializer=_yield_cpu_to_training)
         self._pending: list[Future] = []
         self._lock = threading.Lock()
 
@@ -215,6 +216,15 @@ class CheckpointUploader:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown()
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower this thread's scheduling priority (Linux nices threads one by one; the transfer
+    threads it starts inherit it), so hashing and uploading take the CPU time training leaves."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 def _link_or_copy(src: str, dst: str) -> None:

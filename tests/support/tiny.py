@@ -9,7 +9,7 @@ from pathlib import Path
 WORDS = [f"w{i}" for i in range(300)]
 
 
-def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -19,7 +19,7 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
     BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(WORDS) + 8, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128)
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
     BertModel(config).save_pretrained(path)
     return path
 
