@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,13 +111,18 @@ def main() -> None:
     # "final checkpoint only" matches stock (HF always saves the last step); the other two save
     # every N steps and differ only in where checkpoints go: a local folder, or the S3 server
     results = {"stock": [], "ours": [], "ours_checkpoints_local": [], "ours_checkpoints_s3": []}
+    # the S3 server (moto) runs in this process, which otherwise only waits: its CPU time is
+    # what the server takes from training on the same cores
+    server_cpu_seconds = []
     for repeat in range(args.repeats):
         results["stock"].append(run(stock(str(repeat)), env, STOCK_RUNTIME))
         results["ours"].append(run(ours(f"a{repeat}", str(tmp / "store"), args.steps), env, OUR_RUNTIME))
         results["ours_checkpoints_local"].append(
             run(ours(f"b{repeat}", str(tmp / "store"), args.checkpoint_every), env, OUR_RUNTIME))
+        before = _cpu_seconds()
         results["ours_checkpoints_s3"].append(
             run(ours(f"c{repeat}", "s3://bench/x", args.checkpoint_every), env, OUR_RUNTIME))
+        server_cpu_seconds.append(_cpu_seconds() - before)
         print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in results.items()), flush=True)
     server.stop()
 
@@ -133,6 +139,7 @@ def main() -> None:
         "overheadVsStock": median["ours"] / median["stock"] - 1,
         "checkpointingCost": median["ours_checkpoints_s3"] / median["ours"] - 1,
         "s3UploadCost": median["ours_checkpoints_s3"] / median["ours_checkpoints_local"] - 1,
+        "s3ServerCpuSeconds": server_cpu_seconds,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2))
@@ -144,6 +151,13 @@ def main() -> None:
     print(f"checkpoints every {args.checkpoint_every} steps ({ckpt_size / 1e6:.0f} MB each) uploaded to S3, "
           f"vs only the final one: {summary['checkpointingCost'] * 100:+.1f}% on the run")
     print(f"the same checkpoints uploaded to S3 vs copied to a local folder: {summary['s3UploadCost'] * 100:+.1f}%")
+    print(f"CPU time of the S3 server per run with uploads: {statistics.median(server_cpu_seconds):.2f} s "
+          f"(startup included)")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

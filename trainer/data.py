@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +112,21 @@ def jsonl_files(path: Path) -> list[Path]:
     return [path]
 
 
+def read_json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON
+    becomes a `FILE:LINE: json: ...` problem instead."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            yield line_no, value
+
+
 def load_jsonl(paths: Iterable[Path]) -> LoadResult:
     records, problems = [], []
     for path in paths:
@@ -123,22 +137,14 @@ def load_jsonl(paths: Iterable[Path]) -> LoadResult:
         if not files:
             problems.append(f"{path}: no .jsonl or .json files in this directory")
         for file in files:
-            count = 0
-            with open(file, encoding="utf-8", errors="replace") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    count += 1
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        problems.append(f"{file}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
-                        continue
-                    found = record_problems(obj)
-                    problems += [f"{file}:{line_no}: {p}" for p in found]
-                    if not found:
-                        records.append(_to_record(obj))
-            if count == 0:
+            problems_before, count = len(problems), 0
+            for line_no, obj in read_json_lines(file, problems):
+                count += 1
+                found = record_problems(obj)
+                problems += [f"{file}:{line_no}: {p}" for p in found]
+                if not found:
+                    records.append(_to_record(obj))
+            if count == 0 and len(problems) == problems_before:
                 problems.append(f"{file}: no records")
     return LoadResult(records, problems)
 

@@ -8,11 +8,10 @@ problem would score something other than what the user asked for, so none is ski
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .data import EvalSet
+from .data import EvalSet, read_json_lines
 from .errors import InputError
 from .storage import fetch_to_local
 
@@ -24,19 +23,11 @@ def _rows(path: Path, problems: list[str]) -> list[tuple[int, dict[str, Any]]]:
         problems.append(f"{path}: missing (an evaluation set holds {', '.join(FILES)})")
         return []
     rows, problems_before = [], len(problems)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"{path}:{line_no}: record: expected a JSON object")
-                continue
-            rows.append((line_no, obj))
+    for line_no, obj in read_json_lines(path, problems):
+        if not isinstance(obj, dict):
+            problems.append(f"{path}:{line_no}: record: expected a JSON object")
+            continue
+        rows.append((line_no, obj))
     if not rows and len(problems) == problems_before:
         problems.append(f"{path}: no records")
     return rows

@@ -136,6 +136,3 @@ def progress_from_log(step: int, total_steps: int, epoch: float, logs: dict, *, 
         eta_seconds=(total_steps - step) / steps_per_second if steps_per_second else None,
     )
 
-
-__all__ = ["TrainingProgress", "ProgressReporter", "LogReporter", "JsonFileReporter", "ThrottledReporter",
-           "progress_from_log", "asdict"]
