@@ -13,7 +13,6 @@ lowest-scoring positive. Mined negatives are added to the record's own.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import HardNegativesSpec, ModelSpec, StorageSpec, parse_rank_range
-from .data import Record, iter_jsonl
+from .data import Record, read_json_lines
 from .encoding import encode_passages, encode_queries, load_encoder
 from .errors import InputError
 from .search import NO_RESULT, search
@@ -100,12 +99,12 @@ def load_candidates(path: Path) -> list[str]:
     """A candidate pool: JSONL lines of {"text": ...} (FlagEmbedding's candidate_pool format)."""
     texts, problems = [], []
     try:
-        for line_no, row in enumerate(iter_jsonl(path), start=1):
+        for line_no, row in read_json_lines(path, problems):
             if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
                 texts.append(row["text"])
             else:
                 problems.append(f"{path}:{line_no}: text: expected a non-empty string")
-    except (OSError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         problems.append(f"{path}: cannot read it: {exc}")
     if problems or not texts:
         raise InputError(f"candidate pool {path}: expected JSONL lines of {{\"text\": ...}}",

@@ -7,7 +7,8 @@ from embedtune.operator.cli import main as cli
 from embedtune.trainer.config import DataSpec, HardNegativesSpec, ModelSpec
 from embedtune.trainer.data import Record, iter_jsonl, prepare_training_data
 from embedtune.trainer.encoding import load_encoder
-from embedtune.trainer.mining import mine_hard_negatives
+from embedtune.trainer.errors import InputError
+from embedtune.trainer.mining import load_candidates, mine_hard_negatives
 from support.tiny import synthetic_records, write_jsonl
 
 # mean pooling: a random tiny BERT's CLS vectors are nearly identical
@@ -151,3 +152,12 @@ def test_hard_negatives_config_is_validated_by_field_path(tmp_path):
         "config.data.hardNegatives.count: Input should be greater than or equal to 1",
         "config.data.hardNegatives.maxScoreRatio: Input should be less than or equal to 1",
     ]
+
+
+def test_candidate_pool_problems_name_their_lines(tmp_path):
+    path = write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, "", "{bad", {"text": " "}])
+    with pytest.raises(InputError) as caught:
+        load_candidates(path)
+    assert caught.value.problems == [
+        f"{path}:3: json: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:4: text: expected a non-empty string"]
