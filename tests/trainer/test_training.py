@@ -64,7 +64,10 @@ def kill_process_tree(process: subprocess.Popen) -> None:
 
     parent = psutil.Process(process.pid)
     for proc in [parent, *parent.children(recursive=True)]:
-        proc.send_signal(signal.SIGKILL)
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:  # a short-lived helper process that ended on its own
+            pass
     process.wait()
 
 
@@ -100,21 +103,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(ti
                                                                               s3_endpoint):
     steps = {"training": {"maxSteps": 120}, "checkpoint": {"everySteps": 10, "keep": 2}}
     reference = write_config(tmp_path, tiny_model, str(tmp_path / "reference-store"), work="ref", **steps)
-    assert run_trainer(reference).returncode == 0
+    finished = run_trainer(reference)
+    assert finished.returncode == 0, finished.stderr[-3000:]
     expected = losses(open_storage(str(tmp_path / "reference-store")), 120)
     assert len(expected) == 120
 
     config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint, **steps)
     store = CheckpointStore(open_storage(s3_bucket, endpoint=s3_endpoint), RUN)
     # a lost pod: the whole process group dies at once, right after its first complete checkpoint
-    victim = subprocess.Popen(trainer_command(config, 2), env=trainer_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim_log = tmp_path / "victim.log"
+    with open(victim_log, "w") as log:
+        victim = subprocess.Popen(trainer_command(config, 2), env=trainer_env(), stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while not store.complete_steps() and time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.05)
+    exited = victim.poll()
     kill_process_tree(victim)
     complete = store.complete_steps()
-    assert complete and complete[0] < 120, "the run should have been killed mid-way"
+    assert complete and complete[0] < 120, (
+        f"the run should have been killed mid-way (exit {exited}):\n{victim_log.read_text()[-3000:]}")
     # an upload the kill cut short (no marker) must never be resumed from
     store.storage.write_bytes(f"{RUN.checkpoint_prefix(110)}/model.safetensors", b"half an upload")
 
