@@ -12,14 +12,12 @@ import re
 import sys
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_INPUT_ERROR = 2
+from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_OK, InputError
 
 
 def _check_data(args: argparse.Namespace) -> int:
     from embedtune.trainer.config import HuggingFaceSource
     from embedtune.trainer.data import LoadResult, fill_negatives, load_hugging_face, load_jsonl
-    from embedtune.trainer.errors import InputError
 
     columns = {}
     for item in args.column:
@@ -29,19 +27,15 @@ def _check_data(args: argparse.Namespace) -> int:
             return EXIT_INPUT_ERROR
         columns[field] = column
     total = LoadResult([], [])
-    try:
-        for path in args.paths:
-            if _is_hf_dataset(Path(path)) or columns:
-                found = load_hugging_face(HuggingFaceSource(path=path, split=args.split, columns=columns))
-            else:
-                found = load_jsonl([Path(path)])
-            total.records.extend(found.records)
-            total.problems.extend(found.problems)
-        if not total.problems and args.group_size:
-            fill_negatives(total.records, args.group_size, seed=0)
-    except InputError as exc:
-        print(exc.report(), file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    for path in args.paths:
+        if _is_hf_dataset(Path(path)) or columns:
+            found = load_hugging_face(HuggingFaceSource(path=path, split=args.split, columns=columns))
+        else:
+            found = load_jsonl([Path(path)])
+        total.records.extend(found.records)
+        total.problems.extend(found.problems)
+    if not total.problems and args.group_size:
+        fill_negatives(total.records, args.group_size, seed=0)
     for problem in total.problems:
         print(problem)
     if total.problems:
@@ -75,18 +69,13 @@ def _local_processes() -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from embedtune.trainer.errors import InputError
     from embedtune.trainer.evaluate import (EvaluationOptions, format_table, patch_status_metrics, run_evaluation,
                                             write_report)
 
-    try:
-        options = EvaluationOptions(ks=_cutoffs(args.k), index=args.index, batch_size=args.batch_size,
-                                    precision=args.precision, overrides=_model_overrides(args))
-        report = run_evaluation(args.model, args.eval_set, options, baseline=args.baseline,
-                                endpoint=args.storage_endpoint, region=args.storage_region)
-    except InputError as exc:
-        print(exc.report(), file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    options = EvaluationOptions(ks=_cutoffs(args.k), index=args.index, batch_size=args.batch_size,
+                                precision=args.precision, overrides=_model_overrides(args))
+    report = run_evaluation(args.model, args.eval_set, options, baseline=args.baseline,
+                            endpoint=args.storage_endpoint, region=args.storage_region)
     print(format_table(report, options.ks))
     if args.output:
         write_report(report, args.output, endpoint=args.storage_endpoint, region=args.storage_region)
@@ -103,7 +92,6 @@ def _mine(args: argparse.Namespace) -> int:
     from embedtune.trainer.config import HardNegativesSpec
     from embedtune.trainer.data import load_jsonl, write_jsonl
     from embedtune.trainer.encoding import load_encoder
-    from embedtune.trainer.errors import InputError
     from embedtune.trainer.mining import load_candidates, mine_hard_negatives
     from embedtune.trainer.storage import fetch_to_local
 
@@ -115,21 +103,17 @@ def _mine(args: argparse.Namespace) -> int:
             flag = re.sub(r"(?<!^)(?=[A-Z])", "-", str(item["loc"][0])).lower()
             print(f"--{flag}: {item['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    try:
-        with tempfile.TemporaryDirectory(prefix="embedtune-mine-") as work:
-            loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", **storage) for uri in args.inputs])
-            if loaded.problems:
-                raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
-                                 loaded.problems)
-            candidates = (load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", **storage))
-                          if args.candidates else None)
-            model = load_encoder(fetch_to_local(args.model, Path(work) / "model", **storage), _model_overrides(args),
-                                 precision=args.precision)
-            summary = mine_hard_negatives(loaded.records, model, spec, seed=args.seed, candidates=candidates,
-                                          batch_size=args.batch_size)
-    except InputError as exc:
-        print(exc.report(), file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    with tempfile.TemporaryDirectory(prefix="embedtune-mine-") as work:
+        loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", **storage) for uri in args.inputs])
+        if loaded.problems:
+            raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
+                             loaded.problems)
+        candidates = (load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", **storage))
+                      if args.candidates else None)
+        model = load_encoder(fetch_to_local(args.model, Path(work) / "model", **storage), _model_overrides(args),
+                             precision=args.precision)
+        summary = mine_hard_negatives(loaded.records, model, spec, seed=args.seed, candidates=candidates,
+                                      batch_size=args.batch_size)
     write_jsonl(args.output, (record.to_json() for record in loaded.records))
     print(f"mined {summary.mined} negatives for {summary.records} records ({summary.short} got fewer than "
           f"{args.count}; the guard skipped {summary.guarded} candidates) -> {args.output}", file=sys.stderr)
@@ -137,7 +121,6 @@ def _mine(args: argparse.Namespace) -> int:
 
 
 def _cutoffs(text: str) -> tuple[int, ...]:
-    from embedtune.trainer.errors import InputError
 
     try:
         ks = tuple(sorted({int(part) for part in text.split(",")}))
@@ -193,7 +176,6 @@ def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
 def _read_manifests(path: Path) -> list:
     import yaml
 
-    from embedtune.trainer.errors import InputError
 
     try:
         return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
@@ -205,16 +187,11 @@ def _read_manifests(path: Path) -> list:
 
 def _validate(args: argparse.Namespace) -> int:
     from embedtune.operator.spec import parse_finetune
-    from embedtune.trainer.errors import InputError
 
     failed = False
-    try:
-        manifests = _read_manifests(args.file)
-        if not manifests:
-            raise InputError(f"{args.file}: no manifest in the file")
-    except InputError as exc:
-        print(exc.report(), file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    manifests = _read_manifests(args.file)
+    if not manifests:
+        raise InputError(f"{args.file}: no manifest in the file")
     for manifest in manifests:
         try:
             parse_finetune(manifest)
@@ -232,23 +209,18 @@ def _render(args: argparse.Namespace) -> int:
 
     from embedtune.operator.render import Run, build_evaluation_job, build_run_objects
     from embedtune.operator.spec import parse_finetune
-    from embedtune.trainer.errors import InputError
 
     objects = []
     dumper = _block_strings()
-    try:
-        for manifest in _read_manifests(args.file):
-            spec = parse_finetune(manifest)
-            metadata = manifest["metadata"]
-            run = Run(metadata.get("namespace") or args.namespace, metadata["name"],
-                      str(metadata.get("generation", 1)))
-            image = spec.resources.image or args.trainer_image
-            objects += build_run_objects(spec, run, image, deadline_seconds=spec.run_policy.active_deadline_seconds)
-            if spec.evaluation.enabled:
-                objects.append(build_evaluation_job(spec, run, image))
-    except InputError as exc:
-        print(exc.report(), file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    for manifest in _read_manifests(args.file):
+        spec = parse_finetune(manifest)
+        metadata = manifest["metadata"]
+        run = Run(metadata.get("namespace") or args.namespace, metadata["name"],
+                  str(metadata.get("generation", 1)))
+        image = spec.resources.image or args.trainer_image
+        objects += build_run_objects(spec, run, image, deadline_seconds=spec.run_policy.active_deadline_seconds)
+        if spec.evaluation.enabled:
+            objects.append(build_evaluation_job(spec, run, image))
     print(yaml.dump_all(objects, Dumper=dumper, sort_keys=False), end="")
     return EXIT_OK
 
@@ -367,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as exc:  # every command: the user's input is wrong, each problem listed
+        print(exc.report(), file=sys.stderr)
+        return EXIT_INPUT_ERROR
 
 
 if __name__ == "__main__":
