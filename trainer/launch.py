@@ -15,6 +15,7 @@ from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         if EXIT_INPUT_ERROR in codes:
             return EXIT_INPUT_ERROR
         return next((code for code in codes if code > 0), EXIT_FAILURE)
+    except SignalException as exc:
+        # torchrun has passed the signal on to the workers and waited for them (they store a
+        # checkpoint and stop); exit as a process killed by it would
+        return 128 + int(exc.sigval)
     return EXIT_OK
 
 

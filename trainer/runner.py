@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -271,3 +272,42 @@ class CheckpointCallback(TrainerCallback):
             dist.barrier()  # every rank of this node has finished writing its files
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM (preemption, a pod being deleted) ends training at the next
+    step with a checkpoint there, so no finished step is lost and the next run resumes.
+
+    Every rank must stop at the same step, and signals reach ranks at slightly different
+    times: the ranks agree on "stop now" with one tiny all-reduce per step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.signal_name is None:
+            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
+                           signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.signal_name is not None
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+            if requested and self.signal_name is None:
+                self.signal_name = "SIGTERM"  # another rank was signalled; this one stops with it
+        if requested and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()

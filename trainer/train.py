@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,19 @@ from .progress import JsonFileReporter, LogReporter, ProgressReporter, Throttled
 from .storage import fetch_to_local, open_storage
 
 logger = logging.getLogger("embedtune.trainer")
+
+
+class TrainingStopped(Exception):
+    """Training ended early on a signal, after storing a checkpoint at the step it reached."""
+
+    def __init__(self, step: int, signal_name: str):
+        self.step, self.signal_name = step, signal_name
+        super().__init__(f"{signal_name}: stopped at step {step} with a checkpoint there; "
+                         "running again resumes from it")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value  # what the shell reports for a signal
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,8 @@ def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -
 def _run_training(config: TrainerConfig, training_args, store, model_path: str, train_file: Path,
                   reporters: list[ProgressReporter]) -> tuple[int, float | None]:
     from .checkpoints import CheckpointUploader
-    from .runner import CheckpointCallback, EmbedtuneRunner, ProgressCallback, build_model_and_data_arguments
+    from .runner import (CheckpointCallback, EmbedtuneRunner, ProgressCallback, StopOnSignal,
+                         build_model_and_data_arguments)
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
@@ -138,7 +153,8 @@ def _run_training(config: TrainerConfig, training_args, store, model_path: str, 
                                       keep=config.checkpoint.keep,
                                       on_complete=reporter.checkpoint_stored if rank == 0 else None)
     model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader)])
+    stop = StopOnSignal()
+    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader), stop])
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         output = runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -146,6 +162,8 @@ def _run_training(config: TrainerConfig, training_args, store, model_path: str, 
         if uploader is not None:
             uploader.close()  # a finished checkpoint is never abandoned mid-upload
     state = runner.trainer.state
+    if stop.signal_name is not None and state.global_step < state.max_steps:
+        raise TrainingStopped(state.global_step, stop.signal_name)
     if rank == 0:
         logger.info("training finished at step %d; train_runtime %.3fs", state.global_step,
                     output.metrics["train_runtime"])
@@ -188,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc.report(limit=50))
         write_termination_message(json.dumps({"reason": "InputError", "message": exc.report(limit=20)}))
         return EXIT_INPUT_ERROR
+    except TrainingStopped as exc:
+        logger.warning("%s", exc)
+        write_termination_message(json.dumps({"reason": "Stopped", "message": str(exc)}))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.warning("interrupted before training started; nothing to save")
+        return 128 + signal.SIGINT
     except Exception as exc:
         logger.exception("training failed")
         write_termination_message(json.dumps({"reason": type(exc).__name__, "message": str(exc)[:2000]}))

@@ -136,6 +136,43 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(ti
         assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
+def wait_for_step(progress_file: Path, step: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress_file.exists() and json.loads(progress_file.read_text()).get("training", {}).get("step", 0) >= step:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no progress to step {step} (exit {process.poll()}):\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("nproc,signum", [(2, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_there(tiny_model, tmp_path, nproc,
+                                                                                  signum):
+    # Ctrl-C reaches torchrun, which passes it on; SIGTERM is how Kubernetes stops a pod
+    store_uri = str(tmp_path / "store")
+    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 400},
+                          checkpoint={"everySteps": 1000, "keep": 2})
+    command = trainer_command(config, nproc) if nproc > 1 else [
+        sys.executable, "-m", "embedtune.operator.cli", "train", str(config), "--nproc-per-node=1"]
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=trainer_env(), stdout=log, stderr=log)
+    wait_for_step(tmp_path / "work" / "progress.json", 3, process, log_path)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum, log_path.read_text()[-3000:]
+    store = CheckpointStore(open_storage(store_uri), RUN)
+    [stopped_at] = store.complete_steps()  # none was due (every 1000 steps): the signal's own
+    assert 3 <= stopped_at < 400
+    assert f"stopped at step {stopped_at} with a checkpoint there" in log_path.read_text()
+    assert not store.storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+
+    resumed = run_trainer(config, nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint {stopped_at}" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 400
+    assert sorted(losses(store.storage, 400)) == list(range(1, 401))  # every step trained exactly once
+
+
 @pytest.mark.parametrize("problem,message", [
     ("data", ":3: pos: empty list (need at least one positive passage)"),
     ("model", "model.base: cannot load"),
