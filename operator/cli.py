@@ -7,12 +7,13 @@ the trainer image (no kopf) can both carry this one entry point.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 from pathlib import Path
 
-from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_OK, InputError
+from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_OK, InputError, write_termination_message
 
 
 def _check_data(args: argparse.Namespace) -> int:
@@ -51,21 +52,9 @@ def _is_hf_dataset(path: Path) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    nproc = args.nproc_per_node or _local_processes()
-    if nproc == 1:  # no process group to set up, no DDP wrapper to pay for
-        from embedtune.trainer import train
+    from embedtune.trainer.launch import local_processes, local_trainer_command, run_child
 
-        return train.main(["--config", str(args.config)])
-    from embedtune.trainer import launch
-
-    return launch.main(["--standalone", f"--nproc-per-node={nproc}", "-m", "embedtune.trainer",
-                        "--config", str(args.config)])
-
-
-def _local_processes() -> int:
-    import torch
-
-    return max(1, torch.cuda.device_count())
+    return run_child(local_trainer_command(args.config, args.nproc_per_node or local_processes()))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -239,6 +228,17 @@ def _block_strings():
     return BlockStringDumper
 
 
+def _run(args: argparse.Namespace) -> int:
+    from embedtune.operator.local import LocalOptions, run_finetune
+
+    manifests = _read_manifests(args.file)
+    if len(manifests) != 1:
+        raise InputError(f"{args.file}: expected one EmbeddingFinetune manifest, found {len(manifests)}")
+    options = LocalOptions(default_storage=str(Path(args.storage).resolve()) if "://" not in args.storage
+                           else args.storage, nproc_per_node=args.nproc_per_node, work_dir=args.work_dir)
+    return run_finetune(manifests[0], args.file.resolve().parent, options)
+
+
 def _operator(args: argparse.Namespace) -> int:
     from embedtune.operator.main import run_operator
 
@@ -325,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"image when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})")
     render.set_defaults(func=_render)
 
+    run = commands.add_parser(
+        "run", help="run an EmbeddingFinetune on this machine: data, training, evaluation",
+        description="Validate the manifest and its data, train (all local GPUs, or CPU), evaluate base vs "
+        "fine-tuned and print the metrics and the final status, with the operator's own planner. Relative "
+        "paths in the manifest are relative to its folder. Ctrl-C stores a checkpoint; the same command "
+        "resumes. Exit codes: 0 succeeded, 2 invalid manifest or data, 130 interrupted, 1 failed.")
+    run.add_argument("file", type=Path, help="YAML file with one EmbeddingFinetune manifest")
+    run.add_argument("--storage", default="embedtune-runs",
+                     help="storage when the manifest names none: a folder or s3:// URI (default: ./embedtune-runs)")
+    run.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                     help="trainer processes (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--work-dir", type=Path, default=None,
+                     help="scratch folder for data and checkpoints before upload (default: a temporary one)")
+    run.set_defaults(func=_run)
+
     from embedtune.operator.main import add_arguments
 
     operator = commands.add_parser(
@@ -343,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InputError as exc:  # every command: the user's input is wrong, each problem listed
         print(exc.report(), file=sys.stderr)
+        # in a Job's pod, the operator reads why from the termination message
+        write_termination_message(json.dumps({"reason": "InputError", "message": exc.report(limit=20)}))
         return EXIT_INPUT_ERROR
 
 

@@ -70,7 +70,8 @@ def parse_timestamp(text: str) -> datetime.datetime:
 
 class _Planner:
     def __init__(self, finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                 image: str, now: datetime.datetime):
+                 image: str, now: datetime.datetime, on_cluster: bool):
+        self.on_cluster = on_cluster
         self.metadata = finetune["metadata"]
         self.finetune = finetune
         self.status: dict[str, Any] = dict(finetune.get("status") or {})
@@ -125,7 +126,7 @@ class _Planner:
     def run(self) -> Plan:
         self.plan.status["observedGeneration"] = self.metadata.get("generation", 1)
         try:
-            spec = parse_finetune(self.finetune)
+            spec = parse_finetune(self.finetune, on_cluster=self.on_cluster)
         except InputError as exc:
             self.set_phase(Phase.FAILED, Reason.INVALID_SPEC, "; ".join(exc.problems) or exc.summary, warning=True)
             # Whatever the fix, it starts a new run.
@@ -328,7 +329,8 @@ class _Planner:
 
 
 def plan_reconcile(finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                   image: str, now: datetime.datetime) -> Plan:
-    """What to do for `finetune` given its Jobs and their pods; see the module docstring."""
-    return _Planner(finetune, jobs, pods, image, now).run()
+                   image: str, now: datetime.datetime, *, on_cluster: bool = True) -> Plan:
+    """What to do for `finetune` given its Jobs and their pods; see the module docstring.
+    `on_cluster=False` is `embedtune run`, where storage and data may be local paths."""
+    return _Planner(finetune, jobs, pods, image, now, on_cluster).run()
 

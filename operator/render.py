@@ -68,7 +68,9 @@ def evaluation_job_name(run: Run, attempt: int) -> str:
 
 
 def storage_uri(spec: EmbeddingFinetuneSpec, prefix: str) -> str:
-    scheme, _, rest = spec.storage.uri.partition("://")
+    scheme, separator, rest = spec.storage.uri.partition("://")
+    if not separator:  # a local folder (`embedtune run`)
+        return "/" + join(spec.storage.uri, prefix) if spec.storage.uri.startswith("/") else join(spec.storage.uri, prefix)
     return f"{scheme}://{join(rest, prefix)}"
 
 

@@ -105,19 +105,20 @@ class EmbeddingFinetuneSpec(CamelModel):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cross_field_problems(spec: EmbeddingFinetuneSpec) -> list[str]:
-    """Rules between fields, each as `spec.path: reason` (the CEL rules in the CRD mirror them)."""
+def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True) -> list[str]:
+    """Rules between fields, each as `spec.path: reason` (the CRD's CEL rules mirror them).
+    On one machine (`embedtune run`) local paths are fine too."""
     problems = []
-    if not spec.storage.uri.startswith("s3://"):
-        problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")
-    for index, uri in enumerate(spec.data.train):
-        if not uri.startswith("s3://"):
-            problems.append(f"spec.data.train.{index}: must be an s3:// URI on a cluster")
-    if spec.evaluation.enabled:
-        if (spec.data.held_out_fraction is None) == (spec.data.eval is None):
-            problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
-        if spec.data.eval is not None and not spec.data.eval.startswith("s3://"):
+    if on_cluster:
+        if not spec.storage.uri.startswith("s3://"):
+            problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")
+        for index, uri in enumerate(spec.data.train):
+            if not uri.startswith("s3://"):
+                problems.append(f"spec.data.train.{index}: must be an s3:// URI on a cluster")
+        if spec.evaluation.enabled and spec.data.eval is not None and not spec.data.eval.startswith("s3://"):
             problems.append("spec.data.eval: must be an s3:// URI on a cluster")
+    if spec.evaluation.enabled and (spec.data.held_out_fraction is None) == (spec.data.eval is None):
+        problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
     if spec.evaluation.gate is not None:
         match = _GATE_METRIC.match(spec.evaluation.gate.metric)
         if match and int(match.group(2)) not in spec.evaluation.k_values:
@@ -129,7 +130,7 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec) -> list[str]:
     return problems
 
 
-def parse_finetune(manifest: Any) -> EmbeddingFinetuneSpec:
+def parse_finetune(manifest: Any, *, on_cluster: bool = True) -> EmbeddingFinetuneSpec:
     """The spec of an EmbeddingFinetune manifest; InputError lists every problem found."""
     if not isinstance(manifest, dict):
         raise InputError("not an EmbeddingFinetune manifest", ["(document): must be a mapping"])
@@ -150,7 +151,7 @@ def parse_finetune(manifest: Any) -> EmbeddingFinetuneSpec:
         problems.extend(problems_from_validation_error(exc, "spec"))
     else:
         # Only a spec whose fields are valid can be checked across fields.
-        problems.extend(cross_field_problems(spec))
+        problems.extend(cross_field_problems(spec, on_cluster=on_cluster))
     if problems:
         raise InputError(f"invalid {KIND} {name or '(unnamed)'}", problems)
     return spec

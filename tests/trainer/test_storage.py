@@ -2,6 +2,7 @@ import http.server
 import os
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,13 @@ def test_fetch_to_local_downloads_objects_and_prefixes(s3_bucket, s3_endpoint, t
     assert fetch_to_local("/some/local/path", tmp_path) == tmp_path.__class__("/some/local/path")
     with pytest.raises(InputError, match="no such object or prefix"):
         fetch_to_local(f"{s3_bucket}/nothing-here", tmp_path, endpoint=s3_endpoint)
+
+
+def test_package_uris_point_into_installed_packages():
+    import tqdm as installed
+
+    assert fetch_to_local("package://tqdm/std.py", Path("unused")) == Path(installed.__file__).parent / "std.py"
+    with pytest.raises(InputError, match="no installed Python package named 'no_such_package'"):
+        fetch_to_local("package://no_such_package/model", Path("unused"))
+    with pytest.raises(InputError, match="package 'tqdm' has no model"):
+        fetch_to_local("package://tqdm/model", Path("unused"))

@@ -1,0 +1,364 @@
+"""`embedtune run`: one EmbeddingFinetune on this machine, decided by the operator's own planner.
+
+`lifecycle.plan_reconcile` decides here exactly as in a cluster, over the same spec model and
+the same rendered objects. This module plays the parts Kubernetes plays there:
+
+- the API server: the resource (manifest, generation, status) is kept in storage next to its
+  runs, `<storage>/<namespace>/<name>/resource.yaml`; a changed spec bumps the generation,
+  which starts a new run, as `kubectl apply` would;
+- the Job controller and the kubelet: a training Job runs the trainer here (all local GPUs, or
+  CPU processes) on the config its ConfigMap carries, with the pod's `/scratch` mapped to a
+  local folder; an evaluation Job runs its own `embedtune evaluate` command;
+- the pods' status reports: progress and metrics are read from the files the jobs write.
+
+Ctrl-C makes the trainer store a checkpoint at the next step and stop; running the same
+command again continues the same run from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedtune.trainer.errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK, InputError
+from embedtune.trainer.layout import join
+from embedtune.trainer.storage import open_storage
+
+from .constants import (
+    API_VERSION,
+    KIND,
+    LABEL_ROLE,
+    TRAINER_CONFIG_KEY,
+    Phase,
+    Reason,
+    Role,
+)
+from .lifecycle import JOB_NAME_LABEL, Plan, plan_reconcile
+from .render import metrics_uri
+from .spec import EmbeddingFinetuneSpec, parse_finetune
+
+logger = logging.getLogger(__name__)
+
+RESOURCE_FILE = "resource.yaml"
+LOCAL_IMAGE = "(this machine)"
+_INTERRUPTED = 128 + signal.SIGINT
+# Ctrl-C ends a child with 130 when it handles the signal (the trainer), or by the signal itself
+_INTERRUPTED_CODES = (_INTERRUPTED, -signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    default_storage: str  # when the manifest names none
+    nproc_per_node: int | None = None  # default: one per GPU, or 1
+    work_dir: Path | None = None  # default: a temporary folder per run of the command
+
+
+def _resolve(value: str, base: Path) -> str:
+    """A relative path in the manifest means relative to the manifest's folder."""
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def localize(manifest: dict[str, Any], manifest_dir: Path, default_storage: str) -> dict[str, Any]:
+    """The manifest as this machine reads it: paths resolved against its folder, storage and
+    namespace defaulted. Malformed parts are left alone for validation to report."""
+    manifest = copy.deepcopy(manifest)
+    metadata = manifest.setdefault("metadata", {})
+    if isinstance(metadata, dict):
+        metadata.setdefault("namespace", "default")
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        return manifest
+    storage = spec.setdefault("storage", {"uri": default_storage})
+    if isinstance(storage, dict) and isinstance(storage.get("uri"), str):
+        storage["uri"] = _resolve(storage["uri"], manifest_dir)
+    model = spec.get("model")
+    if isinstance(model, dict) and isinstance(model.get("base"), str) and (manifest_dir / model["base"]).exists():
+        model["base"] = _resolve(model["base"], manifest_dir)  # otherwise a hub id such as BAAI/bge-base-en-v1.5
+    data = spec.get("data")
+    if isinstance(data, dict):
+        train = data.get("train")
+        if isinstance(train, str):
+            data["train"] = _resolve(train, manifest_dir)
+        elif isinstance(train, list):
+            data["train"] = [_resolve(item, manifest_dir) if isinstance(item, str) else item for item in train]
+        if isinstance(data.get("eval"), str):
+            data["eval"] = _resolve(data["eval"], manifest_dir)
+        mining = data.get("hardNegatives")
+        if isinstance(mining, dict) and isinstance(mining.get("candidates"), str):
+            mining["candidates"] = _resolve(mining["candidates"], manifest_dir)
+    return manifest
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies the planner's status patches."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
+    """Every problem of the training data and the evaluation set, before anything runs."""
+    from embedtune.trainer.data import load_training_data
+    from embedtune.trainer.evalset import load_eval_set
+
+    loaded = load_training_data(spec.data.for_trainer(), scratch / "data", spec.storage)
+    problems = list(loaded.problems)
+    if spec.evaluation.enabled and spec.data.eval is not None:
+        try:
+            load_eval_set(spec.data.eval, scratch / "eval", endpoint=spec.storage.endpoint,
+                          region=spec.storage.region)
+        except InputError as exc:
+            problems += exc.problems or [exc.summary]
+    if problems:
+        raise InputError(f"{len(problems)} problems in the data; fix them and run again", problems)
+
+
+@dataclass
+class LocalJob:
+    """A Job the planner created, and how it ended here."""
+
+    manifest: dict[str, Any]
+    exit_code: int | None = None
+    termination_message: str = ""
+    deadline_exceeded: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+    @property
+    def role(self) -> Role:
+        return Role(self.manifest["metadata"]["labels"][LABEL_ROLE])
+
+    @property
+    def container(self) -> dict[str, Any]:
+        return self.manifest["spec"]["template"]["spec"]["containers"][0]
+
+    def observed(self) -> dict[str, Any]:
+        """The Job as the planner reads it from the API."""
+        if self.exit_code is None:
+            status = {"active": 1}
+        elif self.exit_code == 0:
+            status = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+        else:
+            reason = "DeadlineExceeded" if self.deadline_exceeded else "BackoffLimitExceeded"
+            status = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason}]}
+        return {"metadata": self.manifest["metadata"], "status": status}
+
+    def pod(self) -> dict[str, Any]:
+        """Its pod, which tells the planner why it failed (exit code, termination message)."""
+        terminated = {"exitCode": self.exit_code, "reason": "Error", "message": self.termination_message}
+        return {"metadata": {"name": f"{self.name}-0", "labels": {JOB_NAME_LABEL: self.name}},
+                "status": {"containerStatuses": [{"name": self.container["name"],
+                                                  "state": {"terminated": terminated}}]}}
+
+
+@dataclass
+class LocalRun:
+    manifest: dict[str, Any]
+    spec: EmbeddingFinetuneSpec
+    options: LocalOptions
+    scratch: Path
+    resource: dict[str, Any] = field(default_factory=dict)
+    jobs: dict[str, LocalJob] = field(default_factory=dict)
+    trainer_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # ConfigMap name -> config
+
+    @property
+    def storage(self):
+        return open_storage(self.spec.storage.uri, endpoint=self.spec.storage.endpoint, region=self.spec.storage.region)
+
+    @property
+    def resource_key(self) -> str:
+        metadata = self.manifest["metadata"]
+        return join(metadata["namespace"], metadata["name"], RESOURCE_FILE)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.resource.setdefault("status", {})
+
+    def load(self) -> None:
+        """The stored resource; a new or changed spec is a new generation (a new run), and so
+        is running a finished run's manifest again after it failed."""
+        stored = self.storage.read_bytes(self.resource_key)
+        previous = yaml.safe_load(stored) if stored else None
+        generation = previous["metadata"]["generation"] if previous else 0
+        status = previous["status"] if previous else {}
+        if previous is None or previous["spec"] != self.manifest["spec"] or status.get("phase") == Phase.FAILED:
+            generation += 1
+            status = status | {"specFingerprint": None}  # a new generation starts a new run
+        metadata = self.manifest["metadata"] | {"generation": generation}
+        self.resource = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
+                         "spec": self.manifest["spec"], "status": status}
+
+    def save(self) -> None:
+        self.storage.write_bytes(self.resource_key, yaml.safe_dump(self.resource, sort_keys=False).encode())
+
+    def reconcile(self) -> Plan:
+        plan = plan_reconcile(self.resource, [job.observed() for job in self.jobs.values()],
+                              [job.pod() for job in self.jobs.values() if job.exit_code], LOCAL_IMAGE,
+                              datetime.datetime.now(tz=datetime.UTC), on_cluster=False)
+        # stored as the API stores it: JSON (the planner's enums become their strings)
+        self.resource["status"] = merge_patch(self.status, json.loads(json.dumps(plan.status)))
+        for event in plan.events:
+            print(f"{event.type}: {event.reason.value}: {event.message}", file=sys.stderr)
+        for name in plan.delete_jobs:
+            self.jobs.pop(name, None)
+        for obj in plan.create:
+            if obj["kind"] == "ConfigMap" and TRAINER_CONFIG_KEY in obj["data"]:
+                self.trainer_configs[obj["metadata"]["name"]] = yaml.safe_load(obj["data"][TRAINER_CONFIG_KEY])
+            elif obj["kind"] == "Job":
+                self.jobs.setdefault(obj["metadata"]["name"], LocalJob(obj))
+        self.save()
+        return plan
+
+    def next_job(self) -> LocalJob | None:
+        return next((job for job in self.jobs.values() if job.exit_code is None), None)
+
+    def run_job(self, job: LocalJob) -> bool:
+        """Run one Job to its end; False when the user interrupted it."""
+        from embedtune.trainer.launch import run_child
+
+        work = self.scratch / job.name
+        work.mkdir(parents=True, exist_ok=True)
+        termination_log = work / "termination-log"
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "EMBEDTUNE_TERMINATION_LOG": str(termination_log)}
+        if job.role is Role.TRAIN:
+            command = self.training_command(job, work)
+        else:
+            command = self.evaluation_command(job)
+        deadline = job.manifest["spec"].get("activeDeadlineSeconds")
+        started = time.monotonic()
+        # stdout is for the run's result; what the jobs print is progress, like their logs
+        job.exit_code = run_child(command, env, timeout=deadline, stdout=sys.stderr)
+        job.deadline_exceeded = deadline is not None and time.monotonic() - started >= deadline
+        job.termination_message = termination_log.read_text() if termination_log.exists() else ""
+        if job.role is Role.TRAIN:
+            self.report_training(work)
+        elif job.exit_code == 0:
+            self.report_metrics()
+        return job.exit_code not in _INTERRUPTED_CODES
+
+    def training_command(self, job: LocalJob, work: Path) -> list[str]:
+        from embedtune.trainer.launch import local_processes, local_trainer_command
+
+        volumes = job.manifest["spec"]["template"]["spec"]["volumes"]
+        config_map = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
+        # the pod's emptyDir is a local folder; progress goes to progress.json, not to an API
+        config = self.trainer_configs[config_map] | {"workDir": str(work)}
+        config["run"] = config["run"] | {"reportStatus": False}
+        path = work / TRAINER_CONFIG_KEY
+        path.write_text(yaml.safe_dump(config))
+        nproc = self.options.nproc_per_node or local_processes()
+        # spec.resources sizes cluster pods; here the machine's own devices decide
+        print(f"training job {job.name}: {nproc} process(es) on this machine", file=sys.stderr)
+        return local_trainer_command(path, nproc)
+
+    def evaluation_command(self, job: LocalJob) -> list[str]:
+        """The Job's own `embedtune evaluate` command. In a cluster it patches the metrics into
+        the resource; here this executor is the API and reads them from metrics.json."""
+        command = list(job.container["command"])
+        at = command.index("--patch-status")
+        del command[at:at + 2]
+        return [sys.executable, "-m", "embedtune.operator.cli", *command[1:]]
+
+    def report_training(self, work: Path) -> None:
+        """What the trainer would have patched into the status: its progress, its checkpoint."""
+        progress_file = work / "progress.json"
+        if not progress_file.exists():
+            return
+        progress = json.loads(progress_file.read_text())
+        run_id = {"runId": self.status["runId"]}
+        patch = {}
+        if "training" in progress:
+            patch["training"] = {k: v for k, v in progress["training"].items() if k != "learningRate"} | run_id
+        if "checkpoint" in progress:
+            patch["checkpoint"] = progress["checkpoint"] | run_id
+        self.resource["status"] = merge_patch(self.status, patch)
+
+    def report_metrics(self) -> None:
+        report = self.metrics_report()
+        self.resource["status"] = merge_patch(
+            self.status, {"metrics": {key: report[key] for key in ("baseline", "finetuned", "delta")}})
+
+    def metrics_report(self) -> dict[str, Any] | None:
+        from embedtune.operator.render import Run
+
+        run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+        directory, _, name = metrics_uri(self.spec, run).rpartition("/")
+        stored = open_storage(directory, endpoint=self.spec.storage.endpoint, region=self.spec.storage.region
+                              ).read_bytes(name)
+        return json.loads(stored) if stored else None
+
+
+def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOptions) -> int:
+    """Run the manifest's EmbeddingFinetune to its end here; the exit code of `embedtune run`."""
+    manifest = localize(manifest, manifest_dir, options.default_storage)
+    spec = parse_finetune(manifest, on_cluster=False)
+    with tempfile.TemporaryDirectory(prefix="embedtune-run-") as temporary:
+        scratch = options.work_dir or Path(temporary)
+        run = LocalRun(manifest, spec, options, scratch)
+        run.load()
+        if run.status.get("specFingerprint") is None:
+            check_inputs(spec, scratch / "check")
+        run.reconcile()
+        if Phase(run.status["phase"]).finished and not run.jobs:
+            print(f"run {run.status['runId']} already {run.status['phase']}; a changed spec starts a new run",
+                  file=sys.stderr)
+        while not Phase(run.status["phase"]).finished and Phase(run.status["phase"]) is not Phase.SUSPENDED:
+            job = run.next_job()
+            if job is None:  # the planner waits for something that will not happen here
+                raise RuntimeError(f"nothing to run in phase {run.status['phase']}: {run.status.get('message')}")
+            run.reconcile()  # the Job is running: phase Training or Evaluating
+            if not run.run_job(job):
+                run.save()
+                print_interrupted(run)
+                return _INTERRUPTED
+            run.reconcile()
+        print_summary(run)
+    return exit_code(run.status)
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    if status["phase"] in (Phase.SUCCEEDED, Phase.SUSPENDED):
+        return EXIT_OK
+    if status.get("reason") in (Reason.INPUT_ERROR, Reason.INVALID_SPEC):
+        return EXIT_INPUT_ERROR
+    return EXIT_FAILURE
+
+
+def print_interrupted(run: LocalRun) -> None:
+    checkpoint = run.status.get("checkpoint")
+    where = f"checkpoint {checkpoint['step']} at {checkpoint['uri']}" if checkpoint else "the start (no checkpoint yet)"
+    print(f"interrupted; the same command resumes run {run.status['runId']} from {where}", file=sys.stderr)
+
+
+def print_summary(run: LocalRun) -> None:
+    from embedtune.trainer.evaluate import format_table
+
+    report = run.metrics_report() if run.status.get("metrics") else None
+    if report is not None:
+        print(format_table(report, tuple(run.spec.evaluation.k_values)))
+    if run.status.get("model"):
+        print(f"model: {run.status['model']['uri']}")
+    print(f"resource: {run.storage.uri_for(run.resource_key)}")
+    print(yaml.safe_dump({"status": run.status}, sort_keys=False), end="")

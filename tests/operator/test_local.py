@@ -1,0 +1,185 @@
+"""`embedtune run`: a manifest trained and evaluated on this machine by the operator's planner,
+with real processes (a tiny BERT on CPU) and, for S3, moto's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedtune.operator.local import localize, merge_patch
+from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
+from embedtune.trainer.storage import open_storage
+from support.tiny import synthetic_records, write_jsonl
+
+RUN = RunLayout("default", "tiny", "1")
+
+
+def write_manifest(folder: Path, tiny_model: Path, *, storage: dict | None = None, **sections) -> Path:
+    """A manifest with paths relative to its own folder, as users write them."""
+    write_jsonl(folder / "data" / "train.jsonl", synthetic_records(300, negatives=0))
+    spec = {
+        "model": {"base": os.path.relpath(tiny_model, folder), "pooling": "mean", "queryMaxLength": 16,
+                  "passageMaxLength": 16},
+        "data": {"train": ["data/train.jsonl"], "heldOutFraction": 0.1},
+        "training": {"maxSteps": 30, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4,
+                     "precision": "fp32", "loggingSteps": 5},
+        "checkpoint": {"everySteps": 10, "keep": 2},
+        "evaluation": {"kValues": [1, 10]},
+    } | sections
+    if storage is not None:
+        spec["storage"] = storage
+    path = folder / "finetune.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "embedtune.io/v1alpha1", "kind": "EmbeddingFinetune",
+                                    "metadata": {"name": "tiny"}, "spec": spec}))
+    return path
+
+
+def run_command(manifest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "embedtune.operator.cli", "run", str(manifest), *extra]
+
+
+def embedtune_run(manifest: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(run_command(manifest, *extra), cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def final_status(result: subprocess.CompletedProcess) -> dict:
+    return yaml.safe_load(result.stdout[result.stdout.index("status:"):])["status"]
+
+
+def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny_model, tmp_path, s3_bucket,
+                                                                           s3_endpoint):
+    manifest = write_manifest(tmp_path, tiny_model, storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint})
+    result = embedtune_run(manifest, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = final_status(result)
+    assert status["phase"] == "Succeeded" and status["runId"] == "1" and status["observedGeneration"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    assert status["training"]["step"] == 30 and status["training"]["totalSteps"] == 30
+    assert status["checkpoint"]["step"] == 30
+    assert status["model"]["uri"] == f"{s3_bucket}/runs/{RUN.model_prefix}"
+    storage = open_storage(f"{s3_bucket}/runs", endpoint=s3_endpoint)
+    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    stored_metrics = json.loads(storage.read_bytes(f"{RUN.run_prefix}/metrics.json"))
+    assert status["metrics"]["finetuned"] == stored_metrics["finetuned"]
+    assert status["metrics"]["delta"]["ndcg@10"] == pytest.approx(
+        stored_metrics["finetuned"]["ndcg@10"] - stored_metrics["baseline"]["ndcg@10"])
+    # the table: one row per metric, baseline / fine-tuned / delta
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("ndcg@10 "))
+    assert [float(cell) for cell in row[1:]] == pytest.approx(
+        [stored_metrics["baseline"]["ndcg@10"], stored_metrics["finetuned"]["ndcg@10"],
+         stored_metrics["delta"]["ndcg@10"]], abs=1e-4)
+    # what the jobs print goes to stderr: stdout is exactly the result
+    assert '"model":' not in result.stdout
+    stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))
+    assert stored["status"] == status
+
+    again = embedtune_run(manifest, tmp_path)  # a finished run is reported, not repeated
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "run 1 already Succeeded" in again.stderr and "training job" not in again.stderr
+    assert final_status(again) == status
+
+    # a changed spec is a new generation: a new run, the old one kept in the history; a quality
+    # gate no model can pass fails it
+    changed = write_manifest(tmp_path, tiny_model, storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint},
+                             evaluation={"kValues": [1, 10], "gate": {"metric": "ndcg@10", "minImprovement": 2}})
+    gated = embedtune_run(changed, tmp_path)
+    assert gated.returncode == 1, gated.stderr[-4000:]
+    status = final_status(gated)
+    assert (status["phase"], status["reason"], status["runId"]) == ("Failed", "GateNotMet", "2")
+    assert [(entry["runId"], entry["phase"]) for entry in status["history"]] == [("1", "Succeeded")]
+    assert storage.exists(f"{RunLayout('default', 'tiny', '2').model_prefix}/{COMPLETE_MARKER}")
+
+
+def wait_for_training_step(progress: Path, step: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.exists() and json.loads(progress.read_text()).get("training", {}).get("step", 0) >= step:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no training progress to step {step} (exit {process.poll()}):\n{log.read_text()[-4000:]}")
+
+
+def test_ctrl_c_leaves_a_checkpoint_and_the_same_command_resumes(tiny_model, tmp_path):
+    manifest = write_manifest(tmp_path, tiny_model, training={
+        "maxSteps": 300, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4, "precision": "fp32"},
+        checkpoint={"everySteps": 1000, "keep": 2})
+    log_path = tmp_path / "interrupted.log"
+    with open(log_path, "w") as log:
+        # a session of its own: Ctrl-C in a terminal signals the whole foreground process group
+        process = subprocess.Popen(run_command(manifest, "--work-dir", str(tmp_path / "work")),
+                                   cwd=tmp_path, stdout=log, stderr=log, start_new_session=True)
+    wait_for_training_step(tmp_path / "work" / "tiny-train-1-1" / "progress.json", 3, process, log_path)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 130, log_path.read_text()[-4000:]
+    output = log_path.read_text()
+    assert "the same command resumes run 1 from checkpoint" in output
+    storage = open_storage(str(tmp_path / "embedtune-runs"))  # the default storage, in the working folder
+    stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))
+    stopped_at = stored["status"]["checkpoint"]["step"]
+    assert 3 <= stopped_at < 300 and stored["status"]["phase"] == "Training"
+    assert storage.exists(f"{RUN.checkpoint_prefix(stopped_at)}/{COMPLETE_MARKER}")
+
+    resumed = embedtune_run(manifest, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming from checkpoint {stopped_at}" in resumed.stderr
+    status = final_status(resumed)
+    assert status["phase"] == "Succeeded" and status["runId"] == "1" and status["training"]["step"] == 300
+    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(300)}/trainer_state.json"))
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(10, 301, 10))
+
+
+def test_invalid_data_stops_before_anything_runs_with_every_problem_listed(tiny_model, tmp_path):
+    manifest = write_manifest(tmp_path, tiny_model)
+    with open(tmp_path / "data" / "train.jsonl", "a") as data:
+        data.write('{"query": "q", "pos": []}\n{"query": 3, "pos": ["p"]}\nnot json\n')
+    result = embedtune_run(manifest, tmp_path)
+    assert result.returncode == 2, result.stderr[-4000:]
+    for problem in ("train.jsonl:301: pos: empty list", "train.jsonl:302: query:", "train.jsonl:303:"):
+        assert problem in result.stderr
+    assert not (tmp_path / "embedtune-runs").exists()
+
+
+def test_an_invalid_manifest_lists_every_problem(tmp_path, tiny_model):
+    manifest = write_manifest(tmp_path, tiny_model, training={"learningRate": -1, "groupSize": 0},
+                              evaluation={"kValues": [1], "gate": {"metric": "ndcg@10"}})
+    result = embedtune_run(manifest, tmp_path)
+    assert result.returncode == 2
+    for problem in ("spec.training.learningRate: Input should be greater than 0",
+                    "spec.training.groupSize: Input should be greater than or equal to 1"):
+        assert problem in result.stderr
+    assert not (tmp_path / "embedtune-runs").exists()
+
+
+def test_relative_paths_are_relative_to_the_manifest_and_storage_defaults(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    manifest = {"metadata": {"name": "x"}, "spec": {
+        "model": {"base": "models/mine"},
+        "data": {"train": ["data/a.jsonl", "s3://b/train.jsonl"], "eval": "eval",
+                 "hardNegatives": {"mine": True, "candidates": "pool.jsonl"}}}}
+    local = localize(manifest, tmp_path, "/runs")
+    assert local["metadata"]["namespace"] == "default"
+    assert local["spec"]["model"]["base"] == str(tmp_path / "models" / "mine")
+    assert local["spec"]["data"]["train"] == [str(tmp_path / "data" / "a.jsonl"), "s3://b/train.jsonl"]
+    assert local["spec"]["data"]["eval"] == str(tmp_path / "eval")
+    assert local["spec"]["data"]["hardNegatives"]["candidates"] == str(tmp_path / "pool.jsonl")
+    assert local["spec"]["storage"] == {"uri": "/runs"}
+    hub_model = localize({"spec": {"model": {"base": "BAAI/bge-small-en-v1.5"}}}, tmp_path, "/runs")
+    assert hub_model["spec"]["model"]["base"] == "BAAI/bge-small-en-v1.5"  # not a file here: a hub id
+    assert manifest["spec"]["data"]["eval"] == "eval"  # the caller's manifest is not changed
+
+
+def test_status_patches_merge_as_the_api_server_merges_them():
+    status = {"phase": "Training", "training": {"step": 5, "loss": 1.0}, "history": [{"runId": "1"}]}
+    patched = merge_patch(status, {"training": {"step": 6, "loss": None}, "history": [], "model": {"uri": "u"}})
+    assert patched == {"phase": "Training", "training": {"step": 6}, "history": [], "model": {"uri": "u"}}
+    assert status["training"] == {"step": 5, "loss": 1.0}
