@@ -34,6 +34,8 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class FinetuneDataSpec(DataSpec):
+    """Training pairs (FlagEmbedding JSONL or a Hugging Face dataset), the evaluation set, and mining."""
+
     eval: str | None = Field(
         None,
         description="Storage URI of an evaluation set (queries.jsonl, corpus.jsonl, qrels.jsonl); "
@@ -46,23 +48,28 @@ class FinetuneDataSpec(DataSpec):
 
 
 class Toleration(CamelModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """A Kubernetes toleration of the training pods."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Equal (the default) compares value.")
+    value: str | None = Field(None, description="Taint value, for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; every effect when empty.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
 
 
 class ResourcesSpec(CamelModel):
+    """The training pods: how many, their GPUs, image and placement."""
+
     nodes: int = Field(1, ge=1, le=1024, description="Training pods (torchrun nodes), one Job completion index each.")
     gpus_per_node: int = Field(1, ge=1, le=64, description="nvidia.com/gpu per pod; torchrun's --nproc-per-node.")
     image: str | None = Field(None, description="Trainer image; the operator's default when unset.")
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
     memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")
     shared_memory: str = Field("16Gi", pattern=_QUANTITY, description="Size of /dev/shm (NCCL, dataloader workers).")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pods tolerate, e.g. GPU nodes'.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods (preemption order).")
     scheduler_name: str | None = Field(None, description="E.g. a gang scheduler such as volcano.")
     service_account_annotations: dict[str, str] = Field(
         default_factory=dict,
@@ -76,6 +83,8 @@ class QualityGate(CamelModel):
 
 
 class EvaluationSpec(CamelModel):
+    """The evaluation job: base vs fine-tuned on the held-out or given evaluation set."""
+
     enabled: bool = Field(True, description="Run the evaluation job after training.")
     k_values: list[Annotated[int, Field(ge=1, le=10000)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics.")
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
@@ -83,6 +92,8 @@ class EvaluationSpec(CamelModel):
 
 
 class RunPolicySpec(CamelModel):
+    """Restarts, deadline, suspension and history of runs."""
+
     max_restarts: int = Field(3, ge=0, le=100, description="New Job attempts after infrastructure failures.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail a run that trains longer than this.")
     suspend: bool = Field(False, description="Remove the running Job (checkpoints stay); false resumes.")

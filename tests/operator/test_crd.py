@@ -8,6 +8,7 @@ import yaml
 from celpy import celtypes
 
 from embedtune.operator.crd import build_crd, crd_yaml
+from embedtune.operator.reference import reference_markdown
 from embedtune.operator.spec import EmbeddingFinetuneSpec, parse_finetune
 from embedtune.trainer.errors import InputError
 from support.finetunes import example_manifests, minimal_manifest
@@ -28,6 +29,20 @@ def schema_errors(manifest) -> list[str]:
 
 def test_crd_file_is_generated_from_the_models():
     assert CRD_PATH.read_text() == crd_yaml(), "regenerate: python -m embedtune.operator.crd > " + str(CRD_PATH)
+
+
+def test_reference_doc_is_generated_from_the_crd():
+    reference = CRD_PATH.parents[1] / "docs" / "reference.md"
+    assert reference.read_text() == reference_markdown(), f"regenerate: python -m embedtune.operator.reference > {reference}"
+
+
+def test_reference_lists_every_spec_field_with_its_description():
+    text = reference_markdown()
+    spec = crd_schema()["properties"]["spec"]
+    for section, schema in spec["properties"].items():
+        for name, field in schema.get("properties", {}).items():
+            row = next(line for line in text.splitlines() if line.startswith(f"| `spec.{section}.{name}` |"))
+            assert field.get("description", "(undocumented)") in row.replace("\\|", "|"), row
 
 
 def test_schema_and_model_have_the_same_fields():
