@@ -235,7 +235,8 @@ def _run(args: argparse.Namespace) -> int:
     if len(manifests) != 1:
         raise InputError(f"{args.file}: expected one EmbeddingFinetune manifest, found {len(manifests)}")
     options = LocalOptions(default_storage=str(Path(args.storage).resolve()) if "://" not in args.storage
-                           else args.storage, nproc_per_node=args.nproc_per_node, work_dir=args.work_dir)
+                           else args.storage, nproc_per_node=args.nproc_per_node, work_dir=args.work_dir,
+                           new_run=args.new_run)
     return run_finetune(manifests[0], args.file.resolve().parent, options)
 
 
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trainer processes (default: one per GPU, or 1 on CPU)")
     run.add_argument("--work-dir", type=Path, default=None,
                      help="scratch folder for data and checkpoints before upload (default: a temporary one)")
+    run.add_argument("--new-run", action="store_true",
+                     help="start a new run even if this spec has run before (e.g. after changing the data files)")
     run.set_defaults(func=_run)
 
     from embedtune.operator.main import add_arguments

@@ -62,6 +62,7 @@ _INTERRUPTED_CODES = (_INTERRUPTED, -signal.SIGINT)
 class LocalOptions:
     default_storage: str  # when the manifest names none
     nproc_per_node: int | None = None  # default: one per GPU, or 1
+    new_run: bool = False  # start a new run even when the spec has not changed
     work_dir: Path | None = None  # default: a temporary folder per run of the command
 
 
@@ -197,15 +198,18 @@ class LocalRun:
         return self.resource.setdefault("status", {})
 
     def load(self) -> None:
-        """The stored resource; a new or changed spec is a new generation (a new run), and so
-        is running a finished run's manifest again after it failed."""
+        """The stored resource. A changed spec is a new generation, as the API server counts
+        them (the planner starts a new run when the change needs one); so is running again
+        after a failure, or with --new-run, and those always start a new run."""
         stored = self.storage.read_bytes(self.resource_key)
         previous = yaml.safe_load(stored) if stored else None
         generation = previous["metadata"]["generation"] if previous else 0
         status = previous["status"] if previous else {}
-        if previous is None or previous["spec"] != self.manifest["spec"] or status.get("phase") == Phase.FAILED:
+        new_run = self.options.new_run or status.get("phase") == Phase.FAILED
+        if previous is None or previous["spec"] != self.manifest["spec"] or new_run:
             generation += 1
-            status = status | {"specFingerprint": None}  # a new generation starts a new run
+        if new_run:
+            status = status | {"specFingerprint": None}
         metadata = self.manifest["metadata"] | {"generation": generation}
         self.resource = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
                          "spec": self.manifest["spec"], "status": status}
@@ -318,12 +322,12 @@ def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOpt
         scratch = options.work_dir or Path(temporary)
         run = LocalRun(manifest, spec, options, scratch)
         run.load()
-        if run.status.get("specFingerprint") is None:
+        if run.status.get("specFingerprint") != spec.run_fingerprint():  # not a run to resume
             check_inputs(spec, scratch / "check")
         run.reconcile()
         if Phase(run.status["phase"]).finished and not run.jobs:
-            print(f"run {run.status['runId']} already {run.status['phase']}; a changed spec starts a new run",
-                  file=sys.stderr)
+            print(f"run {run.status['runId']} already {run.status['phase']}; a changed spec or --new-run "
+                  "starts a new one", file=sys.stderr)
         while not Phase(run.status["phase"]).finished and Phase(run.status["phase"]) is not Phase.SUSPENDED:
             job = run.next_job()
             if job is None:  # the planner waits for something that will not happen here

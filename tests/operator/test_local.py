@@ -183,3 +183,33 @@ def test_status_patches_merge_as_the_api_server_merges_them():
     patched = merge_patch(status, {"training": {"step": 6, "loss": None}, "history": [], "model": {"uri": "u"}})
     assert patched == {"phase": "Training", "training": {"step": 6}, "history": [], "model": {"uri": "u"}}
     assert status["training"] == {"step": 5, "loss": 1.0}
+
+
+@pytest.mark.parametrize("change,generation,new_run", [
+    ({}, 1, False),                                         # the same spec: resume or report run 1
+    ({"training": {"maxSteps": 31}}, 2, False),             # a changed spec: the planner decides
+    ({"runPolicy": {"maxRestarts": 5}}, 2, False),          # (a new run, or not for runPolicy)
+    ({"--new-run": True}, 2, True),
+    ({"failed": True}, 2, True),                            # running again after a failure
+])
+def test_a_stored_resource_is_a_new_generation_when_its_spec_changes(tmp_path, change, generation, new_run):
+    from embedtune.operator.local import LocalOptions, LocalRun
+    from embedtune.operator.spec import parse_finetune
+
+    def local_run(manifest, options):
+        manifest = localize(manifest, tmp_path, str(tmp_path / "store"))
+        return LocalRun(manifest, parse_finetune(manifest, on_cluster=False), options, tmp_path)
+
+    manifest = {"apiVersion": "embedtune.io/v1alpha1", "kind": "EmbeddingFinetune", "metadata": {"name": "tiny"},
+                "spec": {"model": {"base": "m"}, "data": {"train": ["t.jsonl"], "heldOutFraction": 0.1}}}
+    first = local_run(manifest, LocalOptions(str(tmp_path / "store")))
+    first.load()
+    first.resource["status"] = {"phase": "Failed" if change.get("failed") else "Succeeded",
+                                "specFingerprint": "abc", "runId": "1"}
+    first.save()
+    changed = json.loads(json.dumps(manifest))
+    changed["spec"] |= {k: v for k, v in change.items() if k in ("training", "runPolicy")}
+    again = local_run(changed, LocalOptions(str(tmp_path / "store"), new_run="--new-run" in change))
+    again.load()
+    assert again.resource["metadata"]["generation"] == generation
+    assert (again.status["specFingerprint"] is None) == new_run
