@@ -301,7 +301,9 @@ def build_training_job(spec: EmbeddingFinetuneSpec, run: Run, attempt: int, imag
         {"name": "scratch", "emptyDir": {}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
     ]
-    pod_spec = _pod_spec(spec, run, container, volumes) | {"subdomain": service_name(run.name)}
+    # on SIGTERM the trainer finishes its step and stores a checkpoint; torchrun allows it 30 s
+    pod_spec = _pod_spec(spec, run, container, volumes) | {"subdomain": service_name(run.name),
+                                                           "terminationGracePeriodSeconds": 60}
     job = _job(name, run, Role.TRAIN, completions=nodes, pod_spec=pod_spec,
                extra_labels={LABEL_ATTEMPT: str(attempt)}, deadline_seconds=deadline_seconds)
     job["spec"]["completionMode"] = "Indexed"

@@ -46,6 +46,7 @@ def _now() -> str:
 @attrs.define(kw_only=True)
 class ApiServerEmulator(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _created_namespaces: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -58,7 +59,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # kmock cannot even parse the path of the cluster-wide namespace collection.
-        if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method in ("GET", "POST"):
             return await self._serve_namespaces(raw_request)
         try:
             return await super().__call__(raw_request)
@@ -68,13 +69,21 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self._requests[:] = [request for request in self._requests if request._raw_request is not raw_request]
 
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        """Every namespace holding an object is a namespace; none is ever added or removed."""
+        """Every namespace holding an object is a namespace, and so is every one created
+        (`kubectl create namespace`); none is ever removed."""
+        if raw_request.method == "POST":
+            namespace = await raw_request.json()
+            namespace["metadata"] |= {"uid": str(uuid.uuid4()), "creationTimestamp": _now(),
+                                      "resourceVersion": str(next(self._versions))}
+            self._created_namespaces.add(namespace["metadata"]["name"])
+            return aiohttp.web.json_response(namespace, status=201)
         if raw_request.query.get("watch") in ("true", "1"):
             response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(raw_request)
             await asyncio.sleep(2)  # an empty watch that ends soon: the client simply watches again
             return response
-        names = sorted({namespace for (_, namespace, _), obj in self.objects.items() if namespace} | {"default"})
+        names = sorted({namespace for (_, namespace, _), obj in self.objects.items() if namespace}
+                       | self._created_namespaces | {"default"})
         return aiohttp.web.json_response({
             "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": str(next(self._versions))},
             "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names],
