@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import yaml
 from embedtune.operator.local import localize, merge_patch
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
+from support.processes import wait_for_training_step
 from support.tiny import synthetic_records, write_jsonl
 
 RUN = RunLayout("default", "tiny", "1")
@@ -98,15 +98,6 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny
     assert (status["phase"], status["reason"], status["runId"]) == ("Failed", "GateNotMet", "2")
     assert [(entry["runId"], entry["phase"]) for entry in status["history"]] == [("1", "Succeeded")]
     assert storage.exists(f"{RunLayout('default', 'tiny', '2').model_prefix}/{COMPLETE_MARKER}")
-
-
-def wait_for_training_step(progress: Path, step: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.exists() and json.loads(progress.read_text()).get("training", {}).get("step", 0) >= step:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"no training progress to step {step} (exit {process.poll()}):\n{log.read_text()[-4000:]}")
 
 
 def test_ctrl_c_leaves_a_checkpoint_and_the_same_command_resumes(tiny_model, tmp_path):

@@ -16,6 +16,7 @@ import yaml
 from embedtune.trainer.checkpoints import CheckpointStore
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
+from support.processes import wait_for_training_step
 from support.tiny import synthetic_records, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -136,15 +137,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(ti
         assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
-def wait_for_step(progress_file: Path, step: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress_file.exists() and json.loads(progress_file.read_text()).get("training", {}).get("step", 0) >= step:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"no progress to step {step} (exit {process.poll()}):\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.parametrize("nproc,signum", [(2, signal.SIGINT), (1, signal.SIGTERM)])
 def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_there(tiny_model, tmp_path, nproc,
                                                                                   signum):
@@ -157,7 +149,7 @@ def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_ther
     log_path = tmp_path / "stopped.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=trainer_env(), stdout=log, stderr=log)
-    wait_for_step(tmp_path / "work" / "progress.json", 3, process, log_path)
+    wait_for_training_step(tmp_path / "work" / "progress.json", 3, process, log_path)
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum, log_path.read_text()[-3000:]
     store = CheckpointStore(open_storage(store_uri), RUN)
