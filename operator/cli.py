@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_OK, InputError, write_termination_message
+from embedtune.trainer.errors import (EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError,
+                                      write_termination_message)
 
 
 def _check_data(args: argparse.Namespace) -> int:
@@ -364,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         # in a Job's pod, the operator reads why from the termination message
         write_termination_message(json.dumps({"reason": "InputError", "message": exc.report(limit=20)}))
         return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from embedtune.trainer.errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK, InputError
+from embedtune.trainer.errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
 from embedtune.trainer.layout import join
 from embedtune.trainer.storage import open_storage
 
@@ -53,9 +53,8 @@ logger = logging.getLogger(__name__)
 
 RESOURCE_FILE = "resource.yaml"
 LOCAL_IMAGE = "(this machine)"
-_INTERRUPTED = 128 + signal.SIGINT
 # Ctrl-C ends a child with 130 when it handles the signal (the trainer), or by the signal itself
-_INTERRUPTED_CODES = (_INTERRUPTED, -signal.SIGINT)
+_INTERRUPTED_CODES = (EXIT_INTERRUPTED, -signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOpt
             if not run.run_job(job):
                 run.save()
                 print_interrupted(run)
-                return _INTERRUPTED
+                return EXIT_INTERRUPTED
             run.reconcile()
         print_summary(run)
     return exit_code(run.status)
@@ -351,8 +350,12 @@ def exit_code(status: dict[str, Any]) -> int:
 
 
 def print_interrupted(run: LocalRun) -> None:
-    checkpoint = run.status.get("checkpoint")
-    where = f"checkpoint {checkpoint['step']} at {checkpoint['uri']}" if checkpoint else "the start (no checkpoint yet)"
+    if run.status["phase"] == Phase.EVALUATING:
+        where = "its evaluation (the model is stored)"
+    elif checkpoint := run.status.get("checkpoint"):
+        where = f"checkpoint {checkpoint['step']} at {checkpoint['uri']}"
+    else:
+        where = "the start (no checkpoint yet)"
     print(f"interrupted; the same command resumes run {run.status['runId']} from {where}", file=sys.stderr)
 
 

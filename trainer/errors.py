@@ -13,6 +13,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 # Kubernetes surfaces this file as the container's termination message, which is how the
 # operator learns *why* a pod failed without reading its logs.

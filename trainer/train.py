@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainerConfig, load_trainer_config
-from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK, InputError, write_termination_message
+from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError, write_termination_message
 from .layout import RunLayout, checkpoint_dir_name
 from .progress import JsonFileReporter, LogReporter, ProgressReporter, ThrottledReporter
 from .storage import fetch_to_local, open_storage
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         logger.warning("interrupted before training started; nothing to save")
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     except Exception as exc:
         logger.exception("training failed")
         write_termination_message(json.dumps({"reason": type(exc).__name__, "message": str(exc)[:2000]}))
