@@ -29,6 +29,7 @@ from .constants import (
     Phase,
     Reason,
 )
+from .defaults import ClusterDefaults
 from .failures import FailureKind, classify_failure, job_failed, job_succeeded
 from .render import (
     Run,
@@ -70,13 +71,13 @@ def parse_timestamp(text: str) -> datetime.datetime:
 
 class _Planner:
     def __init__(self, finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                 image: str, now: datetime.datetime):
+                 defaults: ClusterDefaults, now: datetime.datetime):
         self.metadata = finetune["metadata"]
         self.finetune = finetune
         self.status: dict[str, Any] = dict(finetune.get("status") or {})
         self.jobs = {job["metadata"]["name"]: job for job in jobs}
         self.pods = pods
-        self.default_image = image
+        self.defaults = defaults
         self.now = now
         self.plan = Plan()
         self.gate_condition: dict[str, Any] | None = None
@@ -133,6 +134,9 @@ class _Planner:
             return self.plan
         if self.status.get("specFingerprint") != spec.run_fingerprint():
             self.start_run(spec)
+        # After the fingerprint: a changed default (a new trainer image) applies to the next
+        # Job created, it does not start a new run of every resource.
+        spec = self.defaults.apply(spec)
         run = Run(self.metadata["namespace"], self.metadata["name"], self.current("runId"))
         self.drop_superseded_reports(run.run_id)
         phase = Phase(self.current("phase"))
@@ -244,8 +248,7 @@ class _Planner:
             self.set_phase(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"run {run.run_id} ran longer than runPolicy.activeDeadlineSeconds", warning=True)
             return False
-        image = spec.resources.image or self.default_image
-        self.plan.create += build_run_objects(spec, run, image, attempt, deadline)
+        self.plan.create += build_run_objects(spec, run, spec.resources.image, attempt, deadline)
         self.update_training(job=training_job_name(run, attempt))
         return True
 
@@ -288,7 +291,7 @@ class _Planner:
         job = self.jobs.get(name)
         self.plan.status["evaluation"] = {"job": name, "attempt": attempt}
         if job is None:
-            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image or self.default_image, attempt))
+            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image, attempt))
         elif job_succeeded(job):
             self.evaluated(spec, name)
         elif job_failed(job):
@@ -328,7 +331,7 @@ class _Planner:
 
 
 def plan_reconcile(finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                   image: str, now: datetime.datetime) -> Plan:
+                   defaults: ClusterDefaults, now: datetime.datetime) -> Plan:
     """What to do for `finetune` given its Jobs and their pods; see the module docstring."""
-    return _Planner(finetune, jobs, pods, image, now).run()
+    return _Planner(finetune, jobs, pods, defaults, now).run()
 

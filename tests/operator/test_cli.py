@@ -39,6 +39,17 @@ def test_render_prints_every_object(capsys):
     assert yaml.safe_load(objects[4]["data"]["trainer.yaml"])["run"]["name"] == "finance-bge"
 
 
+def test_render_applies_the_operators_storage_defaults(tmp_path, capsys):
+    manifest = minimal_manifest(storage={"uri": "s3://models/x"})
+    assert main(["render", str(write(tmp_path, manifest)), "--storage-endpoint", "http://minio.s3:9000",
+                 "--storage-credentials-secret", "cluster-creds"]) == 0
+    objects = {obj["kind"]: obj for obj in yaml.safe_load_all(capsys.readouterr().out)}
+    assert yaml.safe_load(objects["ConfigMap"]["data"]["trainer.yaml"])["storage"]["endpoint"] == "http://minio.s3:9000"
+    env = objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})} == {
+        "cluster-creds"}
+
+
 def test_render_refuses_invalid_manifests(tmp_path, capsys):
     assert main(["render", str(write(tmp_path, minimal_manifest(resources={"nodes": 0})))]) == 2
     assert "spec.resources.nodes" in capsys.readouterr().err
