@@ -15,11 +15,11 @@ def test_validate_accepts_the_example(capsys):
 
 
 def test_validate_lists_every_problem_and_exits_2(tmp_path, capsys):
-    path = write(tmp_path, minimal_manifest(resources={"gpusPerNode": 0}),
+    path = write(tmp_path, minimal_manifest(resources={"gpusPerNode": -1}),
                  minimal_manifest(name="other", storage={"uri": "/local"}))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "spec.resources.gpusPerNode: Input should be greater than or equal to 1" in err
+    assert "spec.resources.gpusPerNode: Input should be greater than or equal to 0" in err
     assert "spec.storage.uri: must be an s3:// URI" in err
 
 
