@@ -44,11 +44,12 @@ def pip_installs(dockerfile: Path) -> list[str]:
     for run in arguments(dockerfile, "RUN"):
         for arg_name, value in build_args(dockerfile).items():
             run = run.replace("${" + arg_name + "}", value)
-        words = shlex.split(run)
-        if words[:2] == ["pip", "install"]:
-            requirements += [word for word in words[2:] if not word.startswith("-")]
-        else:
-            assert "pip" not in words, f"{dockerfile}: pip other than `pip install ...` at the start of a RUN"
+        for command in run.split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                requirements += [word for word in words[2:] if not word.startswith("-")]
+            else:
+                assert "pip" not in words, f"{dockerfile}: pip other than `pip install ...` at a command's start"
     return requirements
 
 
