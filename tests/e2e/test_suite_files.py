@@ -5,21 +5,9 @@ from __future__ import annotations
 import yaml
 
 from embedtune.operator.cli import build_parser, main
-from support.chart import objects_of, render_chart
+from support.chart import objects_of, render_chart, values_from_set
 
 from .test_kind import CHART_VALUES, E2E, NAMESPACE, OPERATOR_IMAGE, TRAINER_IMAGE
-
-
-def chart_values() -> dict:
-    """CHART_VALUES (`--set key=value`) as the nested values helm makes of them."""
-    values: dict = {}
-    for key, value in CHART_VALUES.items():
-        *parents, leaf = key.split(".")
-        target = values
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return values
 
 
 def test_the_tiny_manifest_is_valid_and_runs_on_cpu(capsys):
@@ -32,7 +20,7 @@ def test_the_tiny_manifest_is_valid_and_runs_on_cpu(capsys):
 def test_the_chart_values_point_the_operator_at_the_suites_minio_and_images():
     import kubernetes_validate
 
-    objects = render_chart(chart_values())
+    objects = render_chart(values_from_set([f"{key}={value}" for key, value in CHART_VALUES.items()]))
     (deployment,) = objects_of(objects, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == OPERATOR_IMAGE

@@ -14,6 +14,13 @@ RELEASE = "embedtune"
 RELEASE_NAMESPACE = "embedtune-system"
 
 
+def values_from_set(expressions: list[str]) -> dict[str, Any]:
+    """The values helm makes of `--set` expressions, parsed by Helm's own parser."""
+    import helm_python
+
+    return helm_python.parse_set_string(",".join(expressions)) if expressions else {}
+
+
 def render_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every object of the chart's templates (not its crds/), as `helm install` would create them."""
     import helm_python
