@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9090,
                         help="serve Prometheus metrics on this port (default: 9090; 0 disables)")
     parser.add_argument("--peering", metavar="NAME", default=None,
-                        help="coordinate replicas through this KopfPeering object (default: standalone, one replica)")
+                        help="join kopf peering through this (Cluster)KopfPeering object: an operator of higher "
+                        "priority pauses this one (default: standalone)")
 
 
 def run_operator(args: argparse.Namespace) -> int:

@@ -157,3 +157,12 @@ def test_namespace_globs_are_refused_with_a_reason():
 
     with pytest.raises(helm_python.HelmError, match="is a glob"):
         render_chart({"watchNamespaces": ["ml-*"]})
+
+
+def test_misspelled_values_are_refused_by_the_schema():
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError, match="watchNamespace"):
+        render_chart({"watchNamespace": ["ml"]})
+    with pytest.raises(helm_python.HelmError, match="pullPolicy"):
+        render_chart({"image": {"pullPolicy": "Sometimes"}})
