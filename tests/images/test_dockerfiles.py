@@ -80,6 +80,43 @@ def test_operator_extra_has_no_torch_and_trainer_extra_no_kopf():
     assert "kopf" not in {requirement.name for requirement in extra("trainer")}
 
 
+def import_names(distributions: set[str]) -> set[str]:
+    """The top-level modules of these installed distributions."""
+    from importlib.metadata import packages_distributions
+
+    canonical = {name.lower().replace("_", "-") for name in distributions}
+    return {module for module, owners in packages_distributions().items()
+            if any(owner.lower().replace("_", "-") in canonical for owner in owners)}
+
+
+# What each image runs: the operator process; the job pods' torchrun launcher, trainer and
+# `embedtune evaluate` (through the CLI).
+IMAGE_MODULES = {
+    "operator": ["embedtune.operator.main", "embedtune.operator.handlers", "embedtune.operator.cli"],
+    "trainer": ["embedtune.trainer.launch", "embedtune.trainer.train", "embedtune.trainer.evaluate",
+                "embedtune.operator.cli"],
+}
+
+
+@pytest.mark.parametrize("image", IMAGE_MODULES)
+def test_image_modules_import_without_the_other_images_packages(image):
+    import subprocess
+    import sys
+
+    other = "trainer" if image == "operator" else "operator"
+    own = {requirement.name for requirement in extra(image)} | {
+        Requirement(text).name for text in PYPROJECT["project"]["dependencies"]}
+    absent = sorted(import_names({requirement.name for requirement in extra(other)} - own))
+    assert absent, f"no package of [{other}] is installed here to leave out"
+    program = "; ".join([
+        "import importlib, sys",
+        *(f"sys.modules[{module!r}] = None" for module in absent),  # `import x` now fails
+        *(f"importlib.import_module({module!r})" for module in IMAGE_MODULES[image]),
+    ])
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"[{image}] needs one of {absent}:\n{result.stderr[-2000:]}"
+
+
 def test_trainer_torch_is_the_pin_of_ci_and_satisfies_pyproject():
     (torch_pin,) = [Requirement(req) for req in pip_installs(DOCKERFILES["trainer"]) if req.startswith("torch")]
     ci_pin = re.search(r"torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text())[1]
