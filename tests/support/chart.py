@@ -27,7 +27,7 @@ def render_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
     chart = helm_python.Chart.load(CHART)
     rendered = chart.render(values or {}, name=RELEASE, namespace=RELEASE_NAMESPACE, is_install=True)
-    return [obj for text in rendered.values() if not text.endswith("NOTES.txt")
+    return [obj for template, text in rendered.items() if not template.endswith("NOTES.txt")
             for obj in yaml.safe_load_all(text) if obj]
 
 
