@@ -197,20 +197,22 @@ def _validate(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import yaml
 
+    from embedtune.operator.defaults import ClusterDefaults
     from embedtune.operator.render import Run, build_evaluation_job, build_run_objects
     from embedtune.operator.spec import parse_finetune
 
     objects = []
     dumper = _block_strings()
+    defaults = ClusterDefaults.from_args(args)
     for manifest in _read_manifests(args.file):
-        spec = parse_finetune(manifest)
+        spec = defaults.apply(parse_finetune(manifest))
         metadata = manifest["metadata"]
         run = Run(metadata.get("namespace") or args.namespace, metadata["name"],
                   str(metadata.get("generation", 1)))
-        image = spec.resources.image or args.trainer_image
-        objects += build_run_objects(spec, run, image, deadline_seconds=spec.run_policy.active_deadline_seconds)
+        objects += build_run_objects(spec, run, spec.resources.image,
+                                     deadline_seconds=spec.run_policy.active_deadline_seconds)
         if spec.evaluation.enabled:
-            objects.append(build_evaluation_job(spec, run, image))
+            objects.append(build_evaluation_job(spec, run, spec.resources.image))
     print(yaml.dump_all(objects, Dumper=dumper, sort_keys=False), end="")
     return EXIT_OK
 
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_flags(mine)
     mine.set_defaults(func=_mine)
 
-    from embedtune.operator.constants import DEFAULT_TRAINER_IMAGE
+    from embedtune.operator.defaults import add_default_arguments
 
     validate = commands.add_parser(
         "validate", help="check EmbeddingFinetune manifests; every problem listed, exit 2 if any",
@@ -323,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training Job and evaluation Job of each EmbeddingFinetune in FILE (first run, first attempt).")
     render.add_argument("file", type=Path, help="YAML file with one or more manifests")
     render.add_argument("--namespace", default="default", help="for manifests without one (default: default)")
-    render.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE,
-                        help=f"image when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})")
+    add_default_arguments(render)
     render.set_defaults(func=_render)
 
     run = commands.add_parser(

@@ -19,7 +19,6 @@ import kopf
 from . import metrics
 from .constants import (
     ANNOTATION_PREFIX,
-    DEFAULT_TRAINER_IMAGE,
     FINALIZER,
     GROUP,
     LABEL_FINETUNE,
@@ -29,6 +28,7 @@ from .constants import (
     RESYNC_SECONDS,
     VERSION,
 )
+from .defaults import ClusterDefaults
 from .failures import job_failed
 from .kube import Kube, new_api_client
 from .lifecycle import Plan, plan_reconcile
@@ -44,7 +44,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=ANNOTATION_PREFIX, key="last-applied-spec")
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
-    memo.setdefault("trainer_image", DEFAULT_TRAINER_IMAGE)
+    memo.setdefault("defaults", ClusterDefaults())
     memo.kube = Kube(new_api_client())
     memo.locks = collections.defaultdict(threading.Lock)
 
@@ -91,7 +91,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str) -> Plan | None:
         # Pods matter only to explain a failure; skip the listing otherwise.
         pods = kube.list("v1", "Pod", namespace, selector) if any(job_failed(job) for job in jobs) else []
         now = datetime.datetime.now(tz=datetime.UTC)
-        plan = plan_reconcile(finetune, jobs, pods, memo.trainer_image, now)
+        plan = plan_reconcile(finetune, jobs, pods, memo.defaults, now)
         apply_plan(kube, finetune, plan)
         metrics.observe_plan(finetune, plan, now)
         return plan

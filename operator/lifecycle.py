@@ -29,6 +29,7 @@ from .constants import (
     Phase,
     Reason,
 )
+from .defaults import ClusterDefaults
 from .failures import FailureKind, classify_failure, job_failed, job_succeeded
 from .render import (
     Run,
@@ -70,14 +71,14 @@ def parse_timestamp(text: str) -> datetime.datetime:
 
 class _Planner:
     def __init__(self, finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                 image: str, now: datetime.datetime, on_cluster: bool):
+                 defaults: ClusterDefaults, now: datetime.datetime, on_cluster: bool):
         self.on_cluster = on_cluster
         self.metadata = finetune["metadata"]
         self.finetune = finetune
         self.status: dict[str, Any] = dict(finetune.get("status") or {})
         self.jobs = {job["metadata"]["name"]: job for job in jobs}
         self.pods = pods
-        self.default_image = image
+        self.defaults = defaults
         self.now = now
         self.plan = Plan()
         self.gate_condition: dict[str, Any] | None = None
@@ -134,6 +135,9 @@ class _Planner:
             return self.plan
         if self.status.get("specFingerprint") != spec.run_fingerprint():
             self.start_run(spec)
+        # After the fingerprint: a changed default (a new trainer image) applies to the next
+        # Job created, it does not start a new run of every resource.
+        spec = self.defaults.apply(spec)
         run = Run(self.metadata["namespace"], self.metadata["name"], self.current("runId"))
         self.drop_superseded_reports(run.run_id)
         phase = Phase(self.current("phase"))
@@ -245,8 +249,7 @@ class _Planner:
             self.set_phase(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"run {run.run_id} ran longer than runPolicy.activeDeadlineSeconds", warning=True)
             return False
-        image = spec.resources.image or self.default_image
-        self.plan.create += build_run_objects(spec, run, image, attempt, deadline)
+        self.plan.create += build_run_objects(spec, run, spec.resources.image, attempt, deadline)
         self.update_training(job=training_job_name(run, attempt))
         return True
 
@@ -289,7 +292,7 @@ class _Planner:
         job = self.jobs.get(name)
         self.plan.status["evaluation"] = {"job": name, "attempt": attempt}
         if job is None:
-            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image or self.default_image, attempt))
+            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image, attempt))
         elif job_succeeded(job):
             self.evaluated(spec, name)
         elif job_failed(job):
@@ -329,8 +332,8 @@ class _Planner:
 
 
 def plan_reconcile(finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                   image: str, now: datetime.datetime, *, on_cluster: bool = True) -> Plan:
+                   defaults: ClusterDefaults, now: datetime.datetime, *, on_cluster: bool = True) -> Plan:
     """What to do for `finetune` given its Jobs and their pods; see the module docstring.
     `on_cluster=False` is `embedtune run`, where storage and data may be local paths."""
-    return _Planner(finetune, jobs, pods, image, now, on_cluster).run()
+    return _Planner(finetune, jobs, pods, defaults, now, on_cluster).run()
 

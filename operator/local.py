@@ -45,6 +45,7 @@ from .constants import (
     Reason,
     Role,
 )
+from .defaults import ClusterDefaults
 from .lifecycle import JOB_NAME_LABEL, Plan, plan_reconcile
 from .render import metrics_uri
 from .spec import EmbeddingFinetuneSpec, parse_finetune
@@ -52,7 +53,8 @@ from .spec import EmbeddingFinetuneSpec, parse_finetune
 logger = logging.getLogger(__name__)
 
 RESOURCE_FILE = "resource.yaml"
-LOCAL_IMAGE = "(this machine)"
+# No image runs here, and the manifest's own storage settings are the only ones.
+LOCAL_DEFAULTS = ClusterDefaults(trainer_image="(this machine)")
 # Ctrl-C ends a child with 130 when it handles the signal (the trainer), or by the signal itself
 _INTERRUPTED_CODES = (EXIT_INTERRUPTED, -signal.SIGINT)
 
@@ -218,7 +220,7 @@ class LocalRun:
 
     def reconcile(self) -> Plan:
         plan = plan_reconcile(self.resource, [job.observed() for job in self.jobs.values()],
-                              [job.pod() for job in self.jobs.values() if job.exit_code], LOCAL_IMAGE,
+                              [job.pod() for job in self.jobs.values() if job.exit_code], LOCAL_DEFAULTS,
                               datetime.datetime.now(tz=datetime.UTC), on_cluster=False)
         # stored as the API stores it: JSON (the planner's enums become their strings)
         self.resource["status"] = merge_patch(self.status, json.loads(json.dumps(plan.status)))

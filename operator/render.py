@@ -268,7 +268,7 @@ def build_training_job(spec: EmbeddingFinetuneSpec, run: Run, attempt: int, imag
     command = [
         "python", "-m", "embedtune.trainer.launch",
         "--nnodes", str(nodes),
-        "--nproc-per-node", str(gpus),
+        "--nproc-per-node", str(gpus or 1),  # no GPU: one CPU process per pod
         "--node-rank", "$(JOB_COMPLETION_INDEX)",
         "--master-addr", f"{name}-0.{service_name(run.name)}",
         "--master-port", str(MASTER_PORT),

@@ -62,7 +62,9 @@ class ResourcesSpec(CamelModel):
     """The training pods: how many, their GPUs, image and placement."""
 
     nodes: int = Field(1, ge=1, le=1024, description="Training pods (torchrun nodes), one Job completion index each.")
-    gpus_per_node: int = Field(1, ge=1, le=64, description="nvidia.com/gpu per pod; torchrun's --nproc-per-node.")
+    gpus_per_node: int = Field(
+        1, ge=0, le=64,
+        description="nvidia.com/gpu per pod; torchrun's --nproc-per-node. 0 trains on CPU, one process per pod.")
     image: str | None = Field(None, description="Trainer image; the operator's default when unset.")
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
     memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")

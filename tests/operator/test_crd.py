@@ -59,7 +59,7 @@ def test_required_fields_enums_and_ranges_come_from_the_model():
     spec = crd_schema()["properties"]["spec"]
     assert set(spec["required"]) == {"model", "data", "storage"}
     resources = spec["properties"]["resources"]["properties"]
-    assert resources["gpusPerNode"] == {**resources["gpusPerNode"], "minimum": 1, "maximum": 64, "type": "integer"}
+    assert resources["gpusPerNode"] == {**resources["gpusPerNode"], "minimum": 0, "maximum": 64, "type": "integer"}
     assert spec["properties"]["model"]["properties"]["pooling"]["enum"] == ["cls", "mean", "lastToken"]
     held_out = spec["properties"]["data"]["properties"]["heldOutFraction"]
     assert (held_out["minimum"], held_out["exclusiveMinimum"], held_out["maximum"], held_out["exclusiveMaximum"]) == (
@@ -105,7 +105,7 @@ def broken(path: str, value):
 
 
 @pytest.mark.parametrize(("manifest", "where"), [
-    (broken("spec.resources.gpusPerNode", 0), "spec.resources.gpusPerNode"),
+    (broken("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
     (broken("spec.resources.nodes", "two"), "spec.resources.nodes"),
     (broken("spec.model.pooling", "max"), "spec.model.pooling"),
     (broken("spec.data.heldOutFraction", 1.0), "spec.data.heldOutFraction"),

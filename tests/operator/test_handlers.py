@@ -181,10 +181,10 @@ async def test_operator_restart_mid_run_creates_no_duplicates(cluster, operator)
 
 async def test_invalid_spec_fails_with_the_field_to_fix(cluster, operator):
     # The emulator enforces no schema, so the operator's own validation is what catches it.
-    await cluster.apply(minimal_manifest("broken", resources={"gpusPerNode": 0}))
+    await cluster.apply(minimal_manifest("broken", resources={"gpusPerNode": -1}))
     status = await cluster.phase_becomes("broken", "Failed")
     assert status["reason"] == "InvalidSpec"
-    assert status["message"] == "spec.resources.gpusPerNode: Input should be greater than or equal to 1"
+    assert status["message"] == "spec.resources.gpusPerNode: Input should be greater than or equal to 0"
     assert cluster.job_names() == []
 
 

@@ -2,11 +2,13 @@
 
 import datetime
 
+from embedtune.operator.defaults import ClusterDefaults
 from embedtune.operator.lifecycle import plan_reconcile, timestamp
 from embedtune.operator.spec import parse_finetune
 from support.finetunes import minimal_manifest
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
+DEFAULTS = ClusterDefaults("img")
 
 
 def finetune(generation=1, status=None, **spec):
@@ -26,14 +28,14 @@ def finished_run(run_id: str, history_limit: int, history: list) -> dict:
 
 def test_history_is_bounded_newest_first():
     history = [{"runId": str(run)} for run in (3, 2, 1)]
-    plan = plan_reconcile(finetune(5, finished_run("4", 2, history), runPolicy={"historyLimit": 2}), [], [], "img", NOW)
+    plan = plan_reconcile(finetune(5, finished_run("4", 2, history), runPolicy={"historyLimit": 2}), [], [], DEFAULTS, NOW)
     assert [entry["runId"] for entry in plan.status["history"]] == ["4", "3"]
     assert plan.status["history"][0]["model"] == {"uri": "s3://m/run-4/model"}
     assert plan.status["runId"] == "5"
 
 
 def test_first_reconcile_plans_the_run_objects_in_dependency_order():
-    plan = plan_reconcile(finetune(), [], [], "img", NOW)
+    plan = plan_reconcile(finetune(), [], [], DEFAULTS, NOW)
     assert [obj["kind"] for obj in plan.create] == [
         "ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
     assert [event.reason.value for event in plan.events] == ["NewRun", "JobCreated"]
@@ -41,47 +43,82 @@ def test_first_reconcile_plans_the_run_objects_in_dependency_order():
 
 
 def test_invalid_spec_creates_nothing_and_any_fix_starts_a_new_run():
-    plan = plan_reconcile(finetune(resources={"nodes": 0}), [], [], "img", NOW)
+    plan = plan_reconcile(finetune(resources={"nodes": 0}), [], [], DEFAULTS, NOW)
     assert plan.create == [] and plan.status["phase"] == "Failed"
     assert plan.status["specFingerprint"] is None
     assert plan.status["message"] == "spec.resources.nodes: Input should be greater than or equal to 1"
 
 
 def test_conditions_keep_their_transition_time_while_unchanged():
-    first = plan_reconcile(finetune(), [], [], "img", NOW)
+    first = plan_reconcile(finetune(), [], [], DEFAULTS, NOW)
     later = NOW + datetime.timedelta(minutes=5)
-    again = plan_reconcile(finetune(status=first.status), [], [], "img", later)
+    again = plan_reconcile(finetune(status=first.status), [], [], DEFAULTS, later)
     times = {c["type"]: c["lastTransitionTime"] for c in again.status["conditions"]}
     assert times == {"Ready": timestamp(NOW), "Reconciling": timestamp(NOW), "Stalled": timestamp(NOW)}
 
 
 def test_an_attempt_gets_what_is_left_of_the_runs_deadline():
-    first = plan_reconcile(finetune(runPolicy={"activeDeadlineSeconds": 600}), [], [], "img", NOW)
+    first = plan_reconcile(finetune(runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS, NOW)
     status = first.status | {"training": {"attempt": 2, "restarts": 1}}
-    later = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], "img",
+    later = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS,
                            NOW + datetime.timedelta(seconds=200))
     [job] = [obj for obj in later.create if obj["kind"] == "Job"]
     assert job["metadata"]["name"] == "t-train-1-2" and job["spec"]["activeDeadlineSeconds"] == 400
-    expired = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], "img",
+    expired = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS,
                              NOW + datetime.timedelta(seconds=601))
     assert expired.create == [] and expired.status["reason"] == "DeadlineExceeded"
 
 
 def test_resuming_after_training_finished_goes_on_to_evaluate():
-    first = plan_reconcile(finetune(), [], [], "img", NOW)
+    first = plan_reconcile(finetune(), [], [], DEFAULTS, NOW)
     status = first.status | {"phase": "Suspended", "reason": "Suspended"}
     trained = next(obj for obj in first.create if obj["kind"] == "Job")
     trained["status"] = {"succeeded": 2, "conditions": [{"type": "Complete", "status": "True"}]}
-    plan = plan_reconcile(finetune(status=status), [trained], [], "img", NOW)
+    plan = plan_reconcile(finetune(status=status), [trained], [], DEFAULTS, NOW)
     assert plan.status["phase"] == "Evaluating" and plan.status["reason"] == "Resumed"
     assert [obj["metadata"]["name"] for obj in plan.create] == ["t-eval-1-1"]
 
 
 def test_reports_of_a_replaced_run_are_dropped():
-    first = plan_reconcile(finetune(2), [], [], "img", NOW)
+    first = plan_reconcile(finetune(2), [], [], DEFAULTS, NOW)
     late_reports = {"training": first.status["training"] | {"step": 900, "runId": "1"},
                     "checkpoint": {"step": 900, "uri": "s3://m/run-1/checkpoints/checkpoint-900", "runId": "1"}}
-    plan = plan_reconcile(finetune(2, status=first.status | late_reports), [], [], "img", NOW)
+    plan = plan_reconcile(finetune(2, status=first.status | late_reports), [], [], DEFAULTS, NOW)
     assert plan.status["training"]["step"] is None and plan.status["checkpoint"] is None
     current = {"training": first.status["training"] | {"step": 10, "runId": "2"}}
-    assert "checkpoint" not in plan_reconcile(finetune(2, status=first.status | current), [], [], "img", NOW).status
+    assert "checkpoint" not in plan_reconcile(finetune(2, status=first.status | current), [], [], DEFAULTS, NOW).status
+
+
+def created(plan, kind: str) -> dict:
+    return next(obj for obj in plan.create if obj["kind"] == kind)
+
+
+def secret_names(container: dict) -> set[str]:
+    return {env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"]
+            if "secretKeyRef" in env.get("valueFrom", {})}
+
+
+def test_cluster_defaults_fill_what_the_resource_leaves_unset():
+    defaults = ClusterDefaults("registry.test/trainer:2", "http://minio.s3:9000", "cluster-creds")
+    plan = plan_reconcile(finetune(storage={"uri": "s3://models/x"}), [], [], defaults, NOW)
+    container = created(plan, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.test/trainer:2"
+    assert secret_names(container) == {"cluster-creds"}
+    assert "endpoint: http://minio.s3:9000" in created(plan, "ConfigMap")["data"]["trainer.yaml"]
+
+
+def test_the_resources_own_settings_win_over_cluster_defaults():
+    defaults = ClusterDefaults("registry.test/trainer:2", "http://minio.s3:9000", "cluster-creds")
+    own = {"uri": "s3://models/x", "endpoint": "http://own:9000", "credentialsSecret": "own-creds"}
+    plan = plan_reconcile(finetune(storage=own, resources={"image": "own/image:1"}), [], [], defaults, NOW)
+    container = created(plan, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "own/image:1"
+    assert secret_names(container) == {"own-creds"}
+    assert "endpoint: http://own:9000" in created(plan, "ConfigMap")["data"]["trainer.yaml"]
+
+
+def test_a_changed_default_does_not_start_a_new_run():
+    first = plan_reconcile(finetune(), [], [], DEFAULTS, NOW)
+    upgraded = ClusterDefaults("img:new", "http://minio.s3:9000", "cluster-creds")
+    again = plan_reconcile(finetune(status=first.status), [], [], upgraded, NOW)
+    assert "runId" not in again.status and "history" not in again.status

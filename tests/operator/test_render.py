@@ -29,6 +29,12 @@ def arg_after(command, flag):
     return command[command.index(flag) + 1]
 
 
+def test_without_gpus_each_pod_trains_in_one_cpu_process():
+    job = build_training_job(spec_of(resources={"nodes": 2, "gpusPerNode": 0}), RUN, attempt=1, image=IMAGE)
+    assert arg_after(container_of(job)["command"], "--nproc-per-node") == "1"
+    assert "nvidia.com/gpu" not in container_of(job)["resources"]["limits"]
+
+
 def test_training_job_is_an_indexed_torchrun_job_with_one_pod_per_node():
     job = build_training_job(spec_of(), RUN, attempt=2, image=IMAGE)
     assert job["metadata"]["name"] == "tiny-train-3-2"

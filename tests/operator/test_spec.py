@@ -17,7 +17,7 @@ def test_examples_are_valid(manifest):
 
 
 @pytest.mark.parametrize(("section", "value", "problem"), [
-    ("resources", {"gpusPerNode": 0}, "spec.resources.gpusPerNode: Input should be greater than or equal to 1"),
+    ("resources", {"gpusPerNode": -1}, "spec.resources.gpusPerNode: Input should be greater than or equal to 0"),
     ("resources", {"nodes": 0}, "spec.resources.nodes: Input should be greater than or equal to 1"),
     ("resources", {"memory": "lots"}, "spec.resources.memory: String should match pattern"),
     ("resources", {"gpus": 8}, "spec.resources.gpus: unknown field"),
@@ -40,7 +40,7 @@ def test_each_problem_names_its_field(section, value, problem):
 def test_every_problem_is_listed_at_once():
     manifest = minimal_manifest(
         name="Not_A_DNS_Name",
-        resources={"nodes": 0, "gpusPerNode": 0},
+        resources={"nodes": 0, "gpusPerNode": -1},
         training={"learningRate": 0},
         runPolicy={"maxRestarts": -1},
     )

@@ -47,6 +47,9 @@ def _now() -> str:
 class ApiServerEmulator(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _created_namespaces: set[str] = attrs.field(factory=set, init=False)
+    # (method, path, query, User-Agent) of every request, for the RBAC tests; kmock's own log
+    # is trimmed below.
+    request_log: list[tuple[str, str, dict[str, str], str]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -58,6 +61,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self.fallback["get /apis/"] << self._serve_apis
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        self.request_log.append((raw_request.method, raw_request.path, dict(raw_request.query),
+                                 raw_request.headers.get("User-Agent", "")))
         # kmock cannot even parse the path of the cluster-wide namespace collection.
         if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method in ("GET", "POST"):
             return await self._serve_namespaces(raw_request)
