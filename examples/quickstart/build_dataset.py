@@ -104,7 +104,7 @@ def split(synsets: list[Synset], *, eval_queries: int = EVAL_QUERIES, seed: int 
 def retrieval_set(queries: list[str], relevant: dict[str, list[str]], distractors: list[str], corpus_size: int,
                   rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
     """(queries, corpus, qrels): every positive of `queries`, filled up to `corpus_size` with a
-    seeded sample of `distractors` (texts that are positives of none of them), shuffled."""
+    seeded sample of the other `distractors`, in seeded order."""
     positives = {text for query in queries for text in relevant[query]}
     others = [text for text in distractors if text not in positives]
     rng.shuffle(others)
