@@ -9,12 +9,13 @@ from typing import Any
 import yaml
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# Manifests for `embedtune run` only: local paths, no storage; a cluster rejects them.
-LOCAL_EXAMPLES = {"quickstart.yaml"}
+# Manifests for `embedtune run` on one machine (local paths, no storage), which a cluster
+# rejects; tests/examples checks them.
+LOCAL_EXAMPLES = ("quickstart.yaml",)
 
 
 def example_manifests() -> list[dict[str, Any]]:
-    """The example manifests for a cluster."""
+    """The examples meant for a cluster."""
     return [doc for path in sorted(EXAMPLES.glob("*.yaml")) if path.name not in LOCAL_EXAMPLES
             for doc in yaml.safe_load_all(path.read_text()) if doc]
 
