@@ -100,10 +100,15 @@ def encode_passages(model, texts: list[str], *, batch_size: int = 64,
                     chunk_size: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(corpus positions, vectors) for successive chunks of passages, shortest first."""
     by_length = np.argsort([len(text) for text in texts], kind="stable")
+    step = batch_size * 16  # the progress bar moves every 16 batches, not once per chunk
     with tqdm(total=len(texts), desc="encode passages", unit="passage", mininterval=2.0) as progress:
         for start in range(0, len(texts), chunk_size):
             positions = by_length[start:start + chunk_size]
-            vectors = model.encode_document([texts[i] for i in positions], batch_size=batch_size,
-                                            show_progress_bar=False, convert_to_numpy=True)
-            progress.update(len(positions))
-            yield positions, np.asarray(vectors, dtype=np.float32).reshape(len(positions), -1)
+            parts = []
+            for part in range(0, len(positions), step):
+                part_texts = [texts[i] for i in positions[part:part + step]]
+                vectors = model.encode_document(part_texts, batch_size=batch_size, show_progress_bar=False,
+                                                convert_to_numpy=True)
+                parts.append(np.asarray(vectors, dtype=np.float32).reshape(len(part_texts), -1))
+                progress.update(len(part_texts))
+            yield positions, np.concatenate(parts)

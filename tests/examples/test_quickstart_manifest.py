@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
-from embedtune.operator.spec import EmbeddingFinetuneSpec
+from embedtune.operator.local import localize
+from embedtune.operator.spec import parse_finetune
+from embedtune.trainer.errors import InputError
+from embedtune.trainer.storage import fetch_to_local
 
 MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 
 
-def test_quickstart_manifest_is_valid_apart_from_the_storage_it_leaves_to_the_local_default():
-    manifest = yaml.safe_load(MANIFEST.read_text())
-    assert (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"]) == (
-        "embedtune.io/v1alpha1", "EmbeddingFinetune", "quickstart")
-    assert "storage" not in manifest["spec"] and "resources" not in manifest["spec"]
-    spec = EmbeddingFinetuneSpec.model_validate(manifest["spec"] | {"storage": {"uri": "/tmp/unused"}})
+def local_manifest() -> dict:
+    return localize(yaml.safe_load(MANIFEST.read_text()), MANIFEST.parent, "/tmp/unused")
+
+
+def test_quickstart_manifest_is_valid_on_one_machine_and_not_on_a_cluster():
+    spec = parse_finetune(local_manifest(), on_cluster=False)
     assert spec.training.precision == "fp32"  # anything else is overridden on a CPU, with a warning
+    assert spec.evaluation.gate is not None  # CI runs the quickstart: no gain, no pass
+    with pytest.raises(InputError, match="s3://"):
+        parse_finetune(local_manifest())
 
 
 def test_quickstart_manifest_points_at_files_that_exist():
-    spec = yaml.safe_load(MANIFEST.read_text())["spec"]
-    for path in [*spec["data"]["train"], spec["data"]["eval"]]:
-        assert (MANIFEST.parent / path).exists(), path
-    package, _, inside = spec["model"]["base"].removeprefix("package://").partition("/")
-    assert (Path(importlib.util.find_spec(package).origin).parent / inside / "modules.json").is_file()
+    spec = parse_finetune(local_manifest(), on_cluster=False)
+    for path in [*spec.data.train, spec.data.eval]:
+        assert Path(path).exists(), path
+    assert (fetch_to_local(spec.model.base, Path("unused")) / "modules.json").is_file()
