@@ -82,6 +82,9 @@ TRIALS: dict[str, dict] = {
     # the best half-budget settings at the quickstart's full budget
     "full-reference": variant(),
     "full-lr1e-4": variant(training={"learningRate": 1e-4}),
+    # the held-out run left time in the 10-minute budget: a higher rate, or more steps
+    "full-lr2e-4": variant(training={"learningRate": 2e-4}),
+    "steps150-lr1e-4": variant(training={"maxSteps": 150, "learningRate": 1e-4}),
 }
 
 
