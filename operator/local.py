@@ -46,7 +46,7 @@ from .constants import (
     Role,
 )
 from .defaults import ClusterDefaults
-from .lifecycle import JOB_NAME_LABEL, Plan, plan_reconcile
+from .lifecycle import JOB_NAME_LABEL, plan_reconcile
 from .render import metrics_uri
 from .spec import EmbeddingFinetuneSpec, parse_finetune
 
@@ -218,7 +218,7 @@ class LocalRun:
     def save(self) -> None:
         self.storage.write_bytes(self.resource_key, yaml.safe_dump(self.resource, sort_keys=False).encode())
 
-    def reconcile(self) -> Plan:
+    def reconcile(self) -> None:
         plan = plan_reconcile(self.resource, [job.observed() for job in self.jobs.values()],
                               [job.pod() for job in self.jobs.values() if job.exit_code], LOCAL_DEFAULTS,
                               datetime.datetime.now(tz=datetime.UTC), on_cluster=False)
@@ -234,7 +234,6 @@ class LocalRun:
             elif obj["kind"] == "Job":
                 self.jobs.setdefault(obj["metadata"]["name"], LocalJob(obj))
         self.save()
-        return plan
 
     def next_job(self) -> LocalJob | None:
         return next((job for job in self.jobs.values() if job.exit_code is None), None)
