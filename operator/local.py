@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from .constants import (
 )
 from .defaults import ClusterDefaults
 from .lifecycle import JOB_NAME_LABEL, plan_reconcile
-from .render import metrics_uri
+from .render import Run, metrics_key
 from .spec import EmbeddingFinetuneSpec, parse_finetune
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,8 @@ class LocalRun:
     jobs: dict[str, LocalJob] = field(default_factory=dict)
     trainer_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # ConfigMap name -> config
 
-    @property
-    def storage(self):
+    @functools.cached_property
+    def storage(self):  # one client for the whole command
         return open_storage(self.spec.storage.uri, endpoint=self.spec.storage.endpoint, region=self.spec.storage.region)
 
     @property
@@ -305,12 +306,8 @@ class LocalRun:
             self.status, {"metrics": {key: report[key] for key in ("baseline", "finetuned", "delta")}})
 
     def metrics_report(self) -> dict[str, Any] | None:
-        from embedtune.operator.render import Run
-
         run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
-        directory, _, name = metrics_uri(self.spec, run).rpartition("/")
-        stored = open_storage(directory, endpoint=self.spec.storage.endpoint, region=self.spec.storage.region
-                              ).read_bytes(name)
+        stored = self.storage.read_bytes(metrics_key(run))
         return json.loads(stored) if stored else None
 
 

@@ -85,8 +85,13 @@ def eval_set_uri(spec: EmbeddingFinetuneSpec, run: Run) -> str:
     return spec.data.eval
 
 
+def metrics_key(run: Run) -> str:
+    """Where the evaluation job stores metrics.json, within the storage."""
+    return join(run.layout.run_prefix, "metrics.json")
+
+
 def metrics_uri(spec: EmbeddingFinetuneSpec, run: Run) -> str:
-    return storage_uri(spec, join(run.layout.run_prefix, "metrics.json"))
+    return storage_uri(spec, metrics_key(run))
 
 
 def build_labels(name: str, run_id: str | None = None, role: Role | None = None) -> dict[str, str]:
