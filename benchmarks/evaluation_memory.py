@@ -40,13 +40,30 @@ def main() -> None:
             vocabulary, flags = WORDS, ["--pooling", "mean"]
         eval_dir = write_eval_set(Path(work) / "eval", args.passages, args.queries, args.words, vocabulary)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "embedtune.operator.cli", "evaluate", "--model", str(model),
-                        "--eval-set", str(eval_dir), "--k", "1,10,100", *flags,
-                        "--output", str(Path(work) / "metrics.json")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "embedtune.operator.cli",
+                "evaluate",
+                "--model",
+                str(model),
+                "--eval-set",
+                str(eval_dir),
+                "--k",
+                "1,10,100",
+                *flags,
+                "--output",
+                str(Path(work) / "metrics.json"),
+            ],
+            check=True,
+        )
         elapsed = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
-    print(f"| {args.model} | {args.passages} passages x {args.words} words, {args.queries} queries | {elapsed:.0f} s "
-          f"| {peak_mib:.0f} MiB |")
+    print(
+        f"| {args.model} | {args.passages} passages x {args.words} words, {args.queries} queries | {elapsed:.0f} s "
+        f"| {peak_mib:.0f} MiB |"
+    )
 
 
 if __name__ == "__main__":

@@ -68,9 +68,19 @@ async def benchmark(count: int, timeout: float) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as scratch:
             env = os.environ | {"KUBECONFIG": str(write_kubeconfig(Path(scratch) / "kubeconfig", str(emulator.url)))}
             operator = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "embedtune.operator.cli", "operator", "--all-namespaces",
-                "--liveness-port", "0", "--metrics-port", "0",
-                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                sys.executable,
+                "-m",
+                "embedtune.operator.cli",
+                "operator",
+                "--all-namespaces",
+                "--liveness-port",
+                "0",
+                "--metrics-port",
+                "0",
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             try:
                 await asyncio.sleep(3)  # the operator's discovery and first watches
                 applied: dict[str, float] = {}

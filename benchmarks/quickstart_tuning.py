@@ -44,8 +44,17 @@ TRAINING_SIDE_RESERVED = 12000
 # states its settings in full; names say what differs from the `reference` trial.
 REFERENCE = {
     "model": {"pooling": "mean", "normalize": True, "queryMaxLength": 64, "passageMaxLength": 32},
-    "training": {"maxSteps": 100, "learningRate": 5e-5, "warmupRatio": 0.1, "batchSizePerDevice": 64,
-                 "groupSize": 2, "temperature": 0.05, "precision": "fp32", "seed": 42, "loggingSteps": 10},
+    "training": {
+        "maxSteps": 100,
+        "learningRate": 5e-5,
+        "warmupRatio": 0.1,
+        "batchSizePerDevice": 64,
+        "groupSize": 2,
+        "temperature": 0.05,
+        "precision": "fp32",
+        "seed": 42,
+        "loggingSteps": 10,
+    },
     "hardNegatives": None,
     "trainPairs": 12000,  # the first N records of train.jsonl
 }
@@ -72,8 +81,9 @@ TRIALS: dict[str, dict] = {
     # and fewer steps to pay for the mining time
     "half-mined": variant(training={"maxSteps": 45}, hardNegatives=MINED, trainPairs=45 * 64),
     # the pool mined from is the run's own passages (2,880 here), so also try nearer ranks
-    "half-mined-range3-50": variant(training={"maxSteps": 45}, hardNegatives=MINED | {"range": "3-50"},
-                                    trainPairs=45 * 64),
+    "half-mined-range3-50": variant(
+        training={"maxSteps": 45}, hardNegatives=MINED | {"range": "3-50"}, trainPairs=45 * 64
+    ),
     "half-temp0.02": variant(training=HALF | {"temperature": 0.02}),
     # the same 192 encoded texts per step as the reference, spent differently
     "half-batch96-group1": variant(training=HALF | {"batchSizePerDevice": 96, "groupSize": 1}),
@@ -101,13 +111,17 @@ def write_validation_set(wordnet: Path, out: Path) -> None:
     parts = builder.split(builder.parse_data_noun(wordnet / "data.noun"))
     reserved = parts.training_side[:TRAINING_SIDE_RESERVED]
     trained_texts = {text for definition in reserved for text in parts.relevant[definition]}
-    unused = [definition for definition in parts.training_side[TRAINING_SIDE_RESERVED:]
-              if not set(parts.relevant[definition]) & trained_texts]
+    unused = [
+        definition
+        for definition in parts.training_side[TRAINING_SIDE_RESERVED:]
+        if not set(parts.relevant[definition]) & trained_texts
+    ]
     held_out_texts = {text for definition in parts.held_out for text in parts.relevant[definition]}
     training_side_texts = [text for text in parts.texts if text not in held_out_texts]
     rng = random.Random(7)
-    queries, corpus, qrels = builder.retrieval_set(rng.sample(unused, VALIDATION_QUERIES), parts.relevant,
-                                                   training_side_texts, VALIDATION_CORPUS, rng)
+    queries, corpus, qrels = builder.retrieval_set(
+        rng.sample(unused, VALIDATION_QUERIES), parts.relevant, training_side_texts, VALIDATION_CORPUS, rng
+    )
     for name, rows in (("queries", queries), ("corpus", corpus), ("qrels", qrels)):
         builder.write_jsonl(out / f"{name}.jsonl", rows)
 
@@ -121,7 +135,7 @@ def model_path() -> str:
 def trainer_config(name: str, settings: dict, work: Path) -> dict:
     train_file = work / name / "train.jsonl"
     lines = (QUICKSTART / "train.jsonl").read_text().splitlines(keepends=True)
-    train_file.write_text("".join(lines[:settings["trainPairs"]]))
+    train_file.write_text("".join(lines[: settings["trainPairs"]]))
     data = {"train": [str(train_file)]}
     if settings["hardNegatives"]:
         data["hardNegatives"] = settings["hardNegatives"]
@@ -146,9 +160,12 @@ def log_time(text: str, pattern: str) -> float | None:
 def evaluate(model: str, validation: Path, settings: dict) -> tuple[dict, float]:
     from embedtune.trainer.evaluate import EvaluationOptions, run_evaluation
 
-    overrides = {"pooling": settings["model"]["pooling"], "normalize": settings["model"]["normalize"],
-                 "query_max_length": settings["model"]["queryMaxLength"],
-                 "passage_max_length": settings["model"]["passageMaxLength"]}
+    overrides = {
+        "pooling": settings["model"]["pooling"],
+        "normalize": settings["model"]["normalize"],
+        "query_max_length": settings["model"]["queryMaxLength"],
+        "passage_max_length": settings["model"]["passageMaxLength"],
+    }
     started = time.time()
     report = run_evaluation(model, str(validation), EvaluationOptions(ks=(1, 10, 100), overrides=overrides))
     return report["finetuned"], time.time() - started
@@ -159,8 +176,11 @@ def run_trial(name: str, settings: dict, work: Path, validation: Path) -> dict:
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(trainer_config(name, settings, work)))
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "embedtune.operator.cli", "train", str(config_file),
-                           "--nproc-per-node", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedtune.operator.cli", "train", str(config_file), "--nproc-per-node", "1"],
+        capture_output=True,
+        text=True,
+    )
     train_wall = time.time() - started
     (work / name / "train.log").write_text(proc.stderr)
     if proc.returncode != 0:
@@ -173,10 +193,12 @@ def run_trial(name: str, settings: dict, work: Path, validation: Path) -> dict:
     return {
         "settings": settings,
         "validation": metrics,
-        "seconds": {"train_command": round(train_wall, 1),
-                    "data_and_mining": round(prepared_at - started, 1) if prepared_at else None,
-                    "train_runtime": float(runtime.group(1)) if runtime else None,
-                    "evaluate_finetuned": round(eval_seconds, 1)},
+        "seconds": {
+            "train_command": round(train_wall, 1),
+            "data_and_mining": round(prepared_at - started, 1) if prepared_at else None,
+            "train_runtime": float(runtime.group(1)) if runtime else None,
+            "evaluate_finetuned": round(eval_seconds, 1),
+        },
         "losses": losses,
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
@@ -204,8 +226,11 @@ def main() -> None:
         results["trials"][name] = run_trial(name, TRIALS[name], args.work, validation)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         got = results["trials"][name]
-        print(f"trial {name}: ndcg@10 {got['validation']['ndcg@10']:.4f} (baseline "
-              f"{results['baseline']['validation']['ndcg@10']:.4f}), {got['seconds']}", flush=True)
+        print(
+            f"trial {name}: ndcg@10 {got['validation']['ndcg@10']:.4f} (baseline "
+            f"{results['baseline']['validation']['ndcg@10']:.4f}), {got['seconds']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,15 @@ def main() -> None:
     mapping = rng.standard_normal((args.intrinsic_dim, args.dim)).astype(np.float32) / np.sqrt(args.intrinsic_dim)
     corpus = low_rank(args.passages, mapping, rng)
     queries = low_rank(args.queries, mapping, rng)
-    chunks = [(np.arange(s, min(s + args.chunk, len(corpus))), corpus[s:s + args.chunk])
-              for s in range(0, len(corpus), args.chunk)]
+    chunks = [
+        (np.arange(s, min(s + args.chunk, len(corpus))), corpus[s : s + args.chunk])
+        for s in range(0, len(corpus), args.chunk)
+    ]
 
-    print(f"{args.queries} queries x {args.passages} passages x {args.dim} dims, intrinsic dimension {args.intrinsic_dim}, k=10")
+    print(
+        f"{args.queries} queries x {args.passages} passages x {args.dim} dims, "
+        f"intrinsic dimension {args.intrinsic_dim}, k=10"
+    )
     print("| index | build (s) | search (s) | recall@10 vs exact |")
     print("|---|---|---|---|")
     start = time.perf_counter()
@@ -55,6 +60,7 @@ def main() -> None:
         searched = time.perf_counter()
         recall = np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(found, exact)])
         print(f"| {kind} | {built - start:.1f} | {searched - built:.1f} | {recall:.3f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

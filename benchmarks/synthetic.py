@@ -22,8 +22,9 @@ def passages(count: int, words_per_passage: int, vocabulary: list[str] | None = 
     return [" ".join(rng.choices(words, k=words_per_passage)) for _ in range(count)]
 
 
-def write_eval_set(directory: Path, passage_count: int, query_count: int, words_per_passage: int,
-                   vocabulary: list[str] | None = None) -> Path:
+def write_eval_set(
+    directory: Path, passage_count: int, query_count: int, words_per_passage: int, vocabulary: list[str] | None = None
+) -> Path:
     rng = random.Random(1)
     texts = passages(passage_count, words_per_passage, vocabulary)
     relevant = rng.sample(range(passage_count), query_count)

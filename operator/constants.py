@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from embedtune.trainer.status import GROUP, PLURAL, VERSION
+from embedtune.trainer.status import GROUP, PLURAL, VERSION  # noqa: F401  (PLURAL is re-exported)
 
 KIND = "EmbeddingFinetune"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -84,6 +84,7 @@ class Reason(StrEnum):
     GATE_PASSED = "GatePassed"
     GATE_NOT_MET = "GateNotMet"
     METRICS_MISSING = "MetricsMissing"
+
 
 # The trainer image of this release; `embedtune operator --trainer-image` overrides it.
 DEFAULT_TRAINER_IMAGE = "ghcr.io/embedtune/embedtune-trainer:0.1.0"

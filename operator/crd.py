@@ -20,26 +20,37 @@ _DROPPED = {"title", "additionalProperties", "propertyNames", "$defs"}
 
 # (path of the object within spec, rule, message, fieldPath relative to the object)
 _CEL_RULES: list[tuple[tuple[str, ...], str, str]] = [
-    ((), "(has(self.evaluation) && has(self.evaluation.enabled) && !self.evaluation.enabled) "
-         "|| (has(self.data.heldOutFraction) != has(self.data.eval))",
-     "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled"),
-    (("data",), "(has(self.train) && size(self.train) > 0) != has(self.huggingFace)",
-     "set exactly one of `train` or `huggingFace`"),
+    (
+        (),
+        "(has(self.evaluation) && has(self.evaluation.enabled) && !self.evaluation.enabled) "
+        "|| (has(self.data.heldOutFraction) != has(self.data.eval))",
+        "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled",
+    ),
+    (
+        ("data",),
+        "(has(self.train) && size(self.train) > 0) != has(self.huggingFace)",
+        "set exactly one of `train` or `huggingFace`",
+    ),
     (("storage",), "self.uri.startsWith('s3://')", "uri: must be an s3:// URI; pods share nothing else"),
-    (("data",), "!has(self.train) || self.train.all(uri, uri.startsWith('s3://'))",
-     "train: every entry must be an s3:// URI on a cluster"),
+    (
+        ("data",),
+        "!has(self.train) || self.train.all(uri, uri.startsWith('s3://'))",
+        "train: every entry must be an s3:// URI on a cluster",
+    ),
     (("data",), "!has(self.eval) || self.eval.startsWith('s3://')", "eval: must be an s3:// URI on a cluster"),
-    (("evaluation",), "!has(self.gate) || !has(self.gate.metric) || "
-                      "int(self.gate.metric.split('@')[1]) in (has(self.kValues) ? self.kValues : [1, 10, 100])",
-     "gate.metric: k must be one of kValues"),
+    (
+        ("evaluation",),
+        "!has(self.gate) || !has(self.gate.metric) || "
+        "int(self.gate.metric.split('@')[1]) in (has(self.kValues) ? self.kValues : [1, 10, 100])",
+        "gate.metric: k must be one of kValues",
+    ),
 ]
 
 _STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "Written by the operator; training progress and metrics by the job pods.",
     "properties": {
-        "phase": {"type": "string", "enum": ["Pending", "Training", "Evaluating", "Succeeded", "Failed",
-                                             "Suspended"]},
+        "phase": {"type": "string", "enum": ["Pending", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]},
         "reason": {"type": "string"},
         "message": {"type": "string"},
         "phaseTime": {"type": "string", "format": "date-time"},
@@ -80,8 +91,10 @@ _STATUS_SCHEMA: dict[str, Any] = {
                 "etaSeconds": {"type": "integer"},
             },
         },
-        "checkpoint": {"type": "object", "properties": {
-            "step": {"type": "integer"}, "uri": {"type": "string"}, "runId": {"type": "string"}}},
+        "checkpoint": {
+            "type": "object",
+            "properties": {"step": {"type": "integer"}, "uri": {"type": "string"}, "runId": {"type": "string"}},
+        },
         "model": {"type": "object", "properties": {"uri": {"type": "string"}}},
         "evaluation": {"type": "object", "properties": {"job": {"type": "string"}, "attempt": {"type": "integer"}}},
         "metrics": {
@@ -164,28 +177,38 @@ def build_crd() -> dict[str, Any]:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": KIND.lower(), "shortNames": [SHORT_NAME],
-                      "listKind": f"{KIND}List", "categories": ["ml"]},
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": _PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "Fine-tunes a text-embedding model for retrieval, evaluates it, "
-                                   "and reports progress and metrics in its status.",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_schema(),
-                        "status": _STATUS_SCHEMA,
+            "names": {
+                "kind": KIND,
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": [SHORT_NAME],
+                "listKind": f"{KIND}List",
+                "categories": ["ml"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Fine-tunes a text-embedding model for retrieval, evaluates it, "
+                            "and reports progress and metrics in its status.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": _STATUS_SCHEMA,
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 

@@ -22,10 +22,12 @@ class ClusterDefaults:
 
     def apply(self, spec: EmbeddingFinetuneSpec) -> EmbeddingFinetuneSpec:
         """The spec with every unset defaulted field filled in; what the resource sets wins."""
-        storage = spec.storage.model_copy(update={
-            "endpoint": spec.storage.endpoint or self.storage_endpoint,
-            "credentials_secret": spec.storage.credentials_secret or self.storage_credentials_secret,
-        })
+        storage = spec.storage.model_copy(
+            update={
+                "endpoint": spec.storage.endpoint or self.storage_endpoint,
+                "credentials_secret": spec.storage.credentials_secret or self.storage_credentials_secret,
+            }
+        )
         resources = spec.resources.model_copy(update={"image": spec.resources.image or self.trainer_image})
         return spec.model_copy(update={"storage": storage, "resources": resources})
 
@@ -35,10 +37,21 @@ class ClusterDefaults:
 
 
 def add_default_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE,
-                        help=f"image of the jobs when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})")
-    parser.add_argument("--storage-endpoint", default=None, metavar="URL",
-                        help="S3 endpoint when spec.storage.endpoint is unset (default: AWS)")
-    parser.add_argument("--storage-credentials-secret", default=None, metavar="SECRET",
-                        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when "
-                        "spec.storage.credentialsSecret is unset (default: none, the pods' service account)")
+    parser.add_argument(
+        "--trainer-image",
+        default=DEFAULT_TRAINER_IMAGE,
+        help=f"image of the jobs when spec.resources.image is unset (default: {DEFAULT_TRAINER_IMAGE})",
+    )
+    parser.add_argument(
+        "--storage-endpoint",
+        default=None,
+        metavar="URL",
+        help="S3 endpoint when spec.storage.endpoint is unset (default: AWS)",
+    )
+    parser.add_argument(
+        "--storage-credentials-secret",
+        default=None,
+        metavar="SECRET",
+        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when "
+        "spec.storage.credentialsSecret is unset (default: none, the pods' service account)",
+    )

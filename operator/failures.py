@@ -57,16 +57,22 @@ def classify_failure(job: dict[str, Any], pods: list[dict[str, Any]], container:
     """The failure of a failed Job; an input error in any pod wins over everything else."""
     failed = job_condition(job, "Failed") or {}
     if failed.get("reason") == "DeadlineExceeded":
-        return Failure(FailureKind.DEADLINE, "DeadlineExceeded",
-                       failed.get("message") or "the run exceeded runPolicy.activeDeadlineSeconds")
+        return Failure(
+            FailureKind.DEADLINE,
+            "DeadlineExceeded",
+            failed.get("message") or "the run exceeded runPolicy.activeDeadlineSeconds",
+        )
     failures = [failure for pod in pods if (failure := _pod_failure(pod, container)) is not None]
     for failure in failures:
         if failure.kind is FailureKind.INPUT:
             return failure
     if failures:
         return failures[0]
-    return Failure(FailureKind.INFRASTRUCTURE, failed.get("reason") or "PodsLost",
-                   failed.get("message") or "the job failed and none of its pods is left to say why")
+    return Failure(
+        FailureKind.INFRASTRUCTURE,
+        failed.get("reason") or "PodsLost",
+        failed.get("message") or "the job failed and none of its pods is left to say why",
+    )
 
 
 def _pod_failure(pod: dict[str, Any], container: str) -> Failure | None:
@@ -74,8 +80,11 @@ def _pod_failure(pod: dict[str, Any], container: str) -> Failure | None:
     name = pod.get("metadata", {}).get("name", "?")
     for condition in status.get("conditions") or []:
         if condition.get("type") == _DISRUPTION_CONDITION and condition.get("status") == "True":
-            return Failure(FailureKind.INFRASTRUCTURE, condition.get("reason") or _DISRUPTION_CONDITION,
-                           f"pod {name}: {condition.get('message') or 'disrupted by Kubernetes'}")
+            return Failure(
+                FailureKind.INFRASTRUCTURE,
+                condition.get("reason") or _DISRUPTION_CONDITION,
+                f"pod {name}: {condition.get('message') or 'disrupted by Kubernetes'}",
+            )
     if status.get("reason") in _EVICTION_REASONS:
         return Failure(FailureKind.INFRASTRUCTURE, status["reason"], f"pod {name}: {status.get('message', '')}".strip())
     for container_status in status.get("containerStatuses") or []:
@@ -90,8 +99,11 @@ def _pod_failure(pod: dict[str, Any], container: str) -> Failure | None:
             return Failure(FailureKind.INPUT, reason or "InputError", message or f"pod {name} exited 2")
         if terminated.get("reason") == "OOMKilled":
             return Failure(FailureKind.INFRASTRUCTURE, "OOMKilled", f"pod {name}: out of memory (exit code {code})")
-        return Failure(FailureKind.INFRASTRUCTURE, reason or f"ExitCode{code}",
-                       message or f"pod {name}: container {container} exited with code {code}")
+        return Failure(
+            FailureKind.INFRASTRUCTURE,
+            reason or f"ExitCode{code}",
+            message or f"pod {name}: container {container} exited with code {code}",
+        )
     return None
 
 

@@ -41,7 +41,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # kopf's bookkeeping under our own names, in annotations (the status is the user's view).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-applied-spec")
+        prefix=ANNOTATION_PREFIX, key="last-applied-spec"
+    )
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
     memo.setdefault("defaults", ClusterDefaults())

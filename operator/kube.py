@@ -43,14 +43,24 @@ class Kube:
     def __init__(self, api_client):
         self.api_client = api_client
 
-    def _call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-              content_type: str = "application/json") -> dict[str, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         request = self.api_client.param_serialize(
-            method, path, query_params=list((query or {}).items()), body=body,
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            body=body,
             header_params={"Accept": "application/json", "Content-Type": content_type},
-            auth_settings=["BearerToken"])
+            auth_settings=["BearerToken"],
+        )
         response = self.api_client.call_api(*request)
         response.read()
         if not 200 <= response.status <= 299:
@@ -75,8 +85,9 @@ class Kube:
 
         # Background propagation removes the Job's pods too.
         try:
-            self._call("DELETE", f"{_collection('batch/v1', 'jobs', namespace)}/{name}",
-                       {"propagationPolicy": "Background"})
+            self._call(
+                "DELETE", f"{_collection('batch/v1', 'jobs', namespace)}/{name}", {"propagationPolicy": "Background"}
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -70,8 +70,15 @@ def parse_timestamp(text: str) -> datetime.datetime:
 
 
 class _Planner:
-    def __init__(self, finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                 defaults: ClusterDefaults, now: datetime.datetime, on_cluster: bool):
+    def __init__(
+        self,
+        finetune: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+        defaults: ClusterDefaults,
+        now: datetime.datetime,
+        on_cluster: bool,
+    ):
         self.on_cluster = on_cluster
         self.metadata = finetune["metadata"]
         self.finetune = finetune
@@ -114,13 +121,20 @@ class _Planner:
             result.append(gate)
         return result
 
-    def condition(self, existing: dict[str, dict[str, Any]], condition_type: str, is_true: bool,
-                  reason: str, message: str) -> dict[str, Any]:
+    def condition(
+        self, existing: dict[str, dict[str, Any]], condition_type: str, is_true: bool, reason: str, message: str
+    ) -> dict[str, Any]:
         status = "True" if is_true else "False"
         before = existing.get(condition_type)
         since = before["lastTransitionTime"] if before and before.get("status") == status else timestamp(self.now)
-        return {"type": condition_type, "status": status, "reason": reason, "message": message,
-                "lastTransitionTime": since, "observedGeneration": self.metadata.get("generation", 1)}
+        return {
+            "type": condition_type,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": since,
+            "observedGeneration": self.metadata.get("generation", 1),
+        }
 
     # -- the state machine ---------------------------------------------------------------
 
@@ -160,17 +174,19 @@ class _Planner:
         if previous_run is not None:
             self.archive_run(spec, previous_run)
         run_id = str(self.metadata.get("generation", 1))
-        self.plan.status.update({
-            "runId": run_id,
-            "specFingerprint": spec.run_fingerprint(),
-            "startTime": timestamp(self.now),
-            "completionTime": None,
-            "training": {"job": None, "attempt": 1, "restarts": 0} | dict.fromkeys(TRAINER_PROGRESS_FIELDS),
-            "checkpoint": None,
-            "model": None,
-            "evaluation": None,
-            "metrics": None,
-        })
+        self.plan.status.update(
+            {
+                "runId": run_id,
+                "specFingerprint": spec.run_fingerprint(),
+                "startTime": timestamp(self.now),
+                "completionTime": None,
+                "training": {"job": None, "attempt": 1, "restarts": 0} | dict.fromkeys(TRAINER_PROGRESS_FIELDS),
+                "checkpoint": None,
+                "model": None,
+                "evaluation": None,
+                "metrics": None,
+            }
+        )
         existing = [c for c in self.status.get("conditions") or [] if c["type"] != Condition.QUALITY_GATE]
         self.plan.status["conditions"] = existing
         message = f"run {run_id} started" + (f", replacing run {previous_run}" if previous_run else "")
@@ -196,9 +212,12 @@ class _Planner:
         history = [entry, *(self.status.get("history") or [])][: spec.run_policy.history_limit]
         self.plan.status["history"] = history
         # A superseded run's Jobs stop now; its checkpoints stay in storage.
-        self.plan.delete_jobs += [name for name, job in self.jobs.items()
-                                  if job["metadata"].get("labels", {}).get(LABEL_RUN_ID) == run_id
-                                  and not (job_succeeded(job) or job_failed(job))]
+        self.plan.delete_jobs += [
+            name
+            for name, job in self.jobs.items()
+            if job["metadata"].get("labels", {}).get(LABEL_RUN_ID) == run_id
+            and not (job_succeeded(job) or job_failed(job))
+        ]
 
     def training(self, key: str) -> Any:
         return (self.current("training") or {}).get(key)
@@ -207,12 +226,18 @@ class _Planner:
         self.plan.status["training"] = {**(self.plan.status.get("training") or {}), **values}
 
     def suspend(self, run: Run) -> None:
-        running = [name for name in (training_job_name(run, self.training("attempt")),
-                                     evaluation_job_name(run, self.evaluation_attempt()))
-                   if name in self.jobs and not (job_succeeded(self.jobs[name]) or job_failed(self.jobs[name]))]
+        running = [
+            name
+            for name in (
+                training_job_name(run, self.training("attempt")),
+                evaluation_job_name(run, self.evaluation_attempt()),
+            )
+            if name in self.jobs and not (job_succeeded(self.jobs[name]) or job_failed(self.jobs[name]))
+        ]
         self.plan.delete_jobs += running
-        self.set_phase(Phase.SUSPENDED, Reason.SUSPENDED,
-                       "runPolicy.suspend is true; the Job is removed, checkpoints stay")
+        self.set_phase(
+            Phase.SUSPENDED, Reason.SUSPENDED, "runPolicy.suspend is true; the Job is removed, checkpoints stay"
+        )
 
     def train(self, spec: EmbeddingFinetuneSpec, run: Run, *, resumed: bool) -> None:
         attempt = self.training("attempt")
@@ -246,8 +271,12 @@ class _Planner:
         """Plans the Job of this attempt with the rest of the run's deadline; False if none is left."""
         deadline = self.remaining_deadline(spec)
         if deadline is not None and deadline <= 0:
-            self.set_phase(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
-                           f"run {run.run_id} ran longer than runPolicy.activeDeadlineSeconds", warning=True)
+            self.set_phase(
+                Phase.FAILED,
+                Reason.DEADLINE_EXCEEDED,
+                f"run {run.run_id} ran longer than runPolicy.activeDeadlineSeconds",
+                warning=True,
+            )
             return False
         self.plan.create += build_run_objects(spec, run, spec.resources.image, attempt, deadline)
         self.update_training(job=training_job_name(run, attempt))
@@ -271,16 +300,24 @@ class _Planner:
         elif not failure.retryable:
             self.set_phase(Phase.FAILED, Reason.DEADLINE_EXCEEDED, failure.message, warning=True)
         elif self.training("restarts") >= spec.run_policy.max_restarts:
-            self.set_phase(Phase.FAILED, Reason.RESTARTS_EXHAUSTED,
-                           f"{failure.reason}: {failure.message} (after {self.training('restarts')} restarts, "
-                           f"runPolicy.maxRestarts is {spec.run_policy.max_restarts})", warning=True)
+            self.set_phase(
+                Phase.FAILED,
+                Reason.RESTARTS_EXHAUSTED,
+                f"{failure.reason}: {failure.message} (after {self.training('restarts')} restarts, "
+                f"runPolicy.maxRestarts is {spec.run_policy.max_restarts})",
+                warning=True,
+            )
         else:
             restarts = self.training("restarts") + 1
             attempt = self.training("attempt") + 1
             self.update_training(restarts=restarts, attempt=attempt)
-            self.set_phase(Phase.PENDING, Reason.INFRASTRUCTURE_FAILURE,
-                           f"{failure.reason}: {failure.message}; restart {restarts} of "
-                           f"{spec.run_policy.max_restarts} resumes from the last checkpoint", warning=True)
+            self.set_phase(
+                Phase.PENDING,
+                Reason.INFRASTRUCTURE_FAILURE,
+                f"{failure.reason}: {failure.message}; restart {restarts} of "
+                f"{spec.run_policy.max_restarts} resumes from the last checkpoint",
+                warning=True,
+            )
             self.create_training_job(spec, run, attempt)
 
     def evaluation_attempt(self) -> int:
@@ -300,13 +337,21 @@ class _Planner:
             if failure.retryable and attempt <= spec.run_policy.max_restarts:
                 # Evaluation starts over from the stored model; its retries have their own count.
                 self.plan.status["evaluation"] = {"job": evaluation_job_name(run, attempt + 1), "attempt": attempt + 1}
-                self.set_phase(Phase.EVALUATING, Reason.INFRASTRUCTURE_FAILURE,
-                               f"evaluation job {name}: {failure.reason}: {failure.message}; retry {attempt} of "
-                               f"{spec.run_policy.max_restarts}", warning=True)
+                self.set_phase(
+                    Phase.EVALUATING,
+                    Reason.INFRASTRUCTURE_FAILURE,
+                    f"evaluation job {name}: {failure.reason}: {failure.message}; retry {attempt} of "
+                    f"{spec.run_policy.max_restarts}",
+                    warning=True,
+                )
                 self.evaluate(spec, run)
             else:
-                self.set_phase(Phase.FAILED, Reason.EVALUATION_FAILED,
-                               f"evaluation job {name}: {failure.reason}: {failure.message}", warning=True)
+                self.set_phase(
+                    Phase.FAILED,
+                    Reason.EVALUATION_FAILED,
+                    f"evaluation job {name}: {failure.reason}: {failure.message}",
+                    warning=True,
+                )
 
     def evaluated(self, spec: EmbeddingFinetuneSpec, name: str) -> None:
         metrics = self.current("metrics")
@@ -318,22 +363,33 @@ class _Planner:
         if delta is None:
             passed, reason, message = None, Reason.METRICS_MISSING, f"status.metrics.delta has no {gate.metric}"
         elif delta >= gate.min_improvement:
-            passed, reason, message = True, Reason.GATE_PASSED, (
-                f"{gate.metric} improved by {delta:+.4f} (at least {gate.min_improvement} required)")
+            passed, reason, message = (
+                True,
+                Reason.GATE_PASSED,
+                (f"{gate.metric} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
+            )
         else:
-            passed, reason, message = False, Reason.GATE_NOT_MET, (
-                f"{gate.metric} changed by {delta:+.4f}; at least {gate.min_improvement} required")
-        self.gate_condition = self.condition(
-            {}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
+            passed, reason, message = (
+                False,
+                Reason.GATE_NOT_MET,
+                (f"{gate.metric} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
+            )
+        self.gate_condition = self.condition({}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
         if passed:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded; {message}")
         else:
             self.set_phase(Phase.FAILED, reason, message, warning=True)
 
 
-def plan_reconcile(finetune: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-                   defaults: ClusterDefaults, now: datetime.datetime, *, on_cluster: bool = True) -> Plan:
+def plan_reconcile(
+    finetune: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    defaults: ClusterDefaults,
+    now: datetime.datetime,
+    *,
+    on_cluster: bool = True,
+) -> Plan:
     """What to do for `finetune` given its Jobs and their pods; see the module docstring.
     `on_cluster=False` is `embedtune run`, where storage and data may be local paths."""
     return _Planner(finetune, jobs, pods, defaults, now, on_cluster).run()
-

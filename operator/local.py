@@ -128,8 +128,7 @@ def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
     problems = list(loaded.problems)
     if spec.evaluation.enabled and spec.data.eval is not None:
         try:
-            load_eval_set(spec.data.eval, scratch / "eval", endpoint=spec.storage.endpoint,
-                          region=spec.storage.region)
+            load_eval_set(spec.data.eval, scratch / "eval", endpoint=spec.storage.endpoint, region=spec.storage.region)
         except InputError as exc:
             problems += exc.problems or [exc.summary]
     if problems:
@@ -171,9 +170,10 @@ class LocalJob:
     def pod(self) -> dict[str, Any]:
         """Its pod, which tells the planner why it failed (exit code, termination message)."""
         terminated = {"exitCode": self.exit_code, "reason": "Error", "message": self.termination_message}
-        return {"metadata": {"name": f"{self.name}-0", "labels": {JOB_NAME_LABEL: self.name}},
-                "status": {"containerStatuses": [{"name": self.container["name"],
-                                                  "state": {"terminated": terminated}}]}}
+        return {
+            "metadata": {"name": f"{self.name}-0", "labels": {JOB_NAME_LABEL: self.name}},
+            "status": {"containerStatuses": [{"name": self.container["name"], "state": {"terminated": terminated}}]},
+        }
 
 
 @dataclass
@@ -213,16 +213,26 @@ class LocalRun:
         if new_run:
             status = status | {"specFingerprint": None}
         metadata = self.manifest["metadata"] | {"generation": generation}
-        self.resource = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
-                         "spec": self.manifest["spec"], "status": status}
+        self.resource = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": metadata,
+            "spec": self.manifest["spec"],
+            "status": status,
+        }
 
     def save(self) -> None:
         self.storage.write_bytes(self.resource_key, yaml.safe_dump(self.resource, sort_keys=False).encode())
 
     def reconcile(self) -> None:
-        plan = plan_reconcile(self.resource, [job.observed() for job in self.jobs.values()],
-                              [job.pod() for job in self.jobs.values() if job.exit_code], LOCAL_DEFAULTS,
-                              datetime.datetime.now(tz=datetime.UTC), on_cluster=False)
+        plan = plan_reconcile(
+            self.resource,
+            [job.observed() for job in self.jobs.values()],
+            [job.pod() for job in self.jobs.values() if job.exit_code],
+            LOCAL_DEFAULTS,
+            datetime.datetime.now(tz=datetime.UTC),
+            on_cluster=False,
+        )
         # stored as the API stores it: JSON (the planner's enums become their strings)
         self.resource["status"] = merge_patch(self.status, json.loads(json.dumps(plan.status)))
         for event in plan.events:
@@ -283,7 +293,7 @@ class LocalRun:
         the resource; here this executor is the API and reads them from metrics.json."""
         command = list(job.container["command"])
         at = command.index("--patch-status")
-        del command[at:at + 2]
+        del command[at : at + 2]
         return [sys.executable, "-m", "embedtune.operator.cli", *command[1:]]
 
     def report_training(self, work: Path) -> None:
@@ -303,7 +313,8 @@ class LocalRun:
     def report_metrics(self) -> None:
         report = self.metrics_report()
         self.resource["status"] = merge_patch(
-            self.status, {"metrics": {key: report[key] for key in ("baseline", "finetuned", "delta")}})
+            self.status, {"metrics": {key: report[key] for key in ("baseline", "finetuned", "delta")}}
+        )
 
     def metrics_report(self) -> dict[str, Any] | None:
         run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
@@ -323,8 +334,11 @@ def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOpt
             check_inputs(spec, scratch / "check")
         run.reconcile()
         if Phase(run.status["phase"]).finished and not run.jobs:
-            print(f"run {run.status['runId']} already {run.status['phase']}; a changed spec or --new-run "
-                  "starts a new one", file=sys.stderr)
+            print(
+                f"run {run.status['runId']} already {run.status['phase']}; a changed spec or --new-run "
+                "starts a new one",
+                file=sys.stderr,
+            )
         while not Phase(run.status["phase"]).finished and Phase(run.status["phase"]) is not Phase.SUSPENDED:
             job = run.next_job()
             if job is None:  # the planner waits for something that will not happen here

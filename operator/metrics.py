@@ -18,8 +18,11 @@ RECONCILES = Counter("embedtune_reconciles_total", "Reconciles of EmbeddingFinet
 RECONCILE_SECONDS = Histogram("embedtune_reconcile_duration_seconds", "Time one reconcile takes.")
 RUNS = Gauge("embedtune_runs", "EmbeddingFinetunes seen by this operator, by phase.", ["phase"])
 PHASE_SECONDS = Histogram(
-    "embedtune_phase_duration_seconds", "Time a run spent in a phase, observed when it leaves it.", ["phase"],
-    buckets=(10, 60, 300, 900, 3600, 3 * 3600, 12 * 3600, 24 * 3600, 72 * 3600, float("inf")))
+    "embedtune_phase_duration_seconds",
+    "Time a run spent in a phase, observed when it leaves it.",
+    ["phase"],
+    buckets=(10, 60, 300, 900, 3600, 3 * 3600, 12 * 3600, 24 * 3600, 72 * 3600, float("inf")),
+)
 
 # The phase of each resource, to count runs by phase without listing them.
 _phases: dict[tuple[str, str], str] = {}
@@ -42,7 +45,7 @@ def forget(namespace: str, name: str) -> None:
         _set_run_counts()
 
 
-def observe_plan(finetune: dict[str, Any], plan: "Plan", now: datetime.datetime) -> None:
+def observe_plan(finetune: dict[str, Any], plan: Plan, now: datetime.datetime) -> None:
     from .lifecycle import parse_timestamp
 
     status = finetune.get("status") or {}

@@ -40,22 +40,14 @@ NAMESPACED_RULES = (
 )
 
 # Cluster-scoped, whatever the served namespaces: kopf follows the CRDs it serves.
-CLUSTER_RULES = (
-    Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch")),
-)
+CLUSTER_RULES = (Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch")),)
 
 # Only when the operator serves listed namespaces: kopf lists them to see which exist.
-NAMESPACE_LIST_RULES = (
-    Rule("", ("namespaces",), ("list", "watch")),
-)
+NAMESPACE_LIST_RULES = (Rule("", ("namespaces",), ("list", "watch")),)
 
 # With --peering: the peering object of the operator's scope.
-CLUSTER_PEERING_RULES = (
-    Rule(PEERING_GROUP, ("clusterkopfpeerings",), ("list", "watch", "patch")),
-)
-NAMESPACED_PEERING_RULES = (
-    Rule(PEERING_GROUP, ("kopfpeerings",), ("list", "watch", "patch")),
-)
+CLUSTER_PEERING_RULES = (Rule(PEERING_GROUP, ("clusterkopfpeerings",), ("list", "watch", "patch")),)
+NAMESPACED_PEERING_RULES = (Rule(PEERING_GROUP, ("kopfpeerings",), ("list", "watch", "patch")),)
 
 
 def operator_rules(*, clusterwide: bool, peering: bool) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:

@@ -1,6 +1,6 @@
 """The EmbeddingFinetune reference, generated from the CRD's schema so docs and resource agree.
 
-    python -m embedtune.operator.reference > docs/reference.md
+python -m embedtune.operator.reference > docs/reference.md
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def _cell(text: str) -> str:
 def _rows(node: dict[str, Any], path: str, required: set[str]) -> Iterator[str]:
     for name, child in node.get("properties", {}).items():
         field = f"{path}.{name}"
-        default = f"`{json.dumps(child['default'])}`" if "default" in child else (
-            "**required**" if name in required else "")
+        default = (
+            f"`{json.dumps(child['default'])}`" if "default" in child else ("**required**" if name in required else "")
+        )
         description = child.get("description", "")
         if rules := [rule["message"] for rule in child.get("x-kubernetes-validations", [])]:
             description += " Rules: " + "; ".join(rules) + "."
-        yield (f"| `{field}` | {_type(child)} | {default} | {_constraints(child)} | "
-               f"{_cell(description.strip())} |")
+        yield (f"| `{field}` | {_type(child)} | {default} | {_constraints(child)} | {_cell(description.strip())} |")
         items = child.get("items", {})
         if child.get("type") == "object":
             yield from _rows(child, field, set(child.get("required", [])))
@@ -73,8 +73,9 @@ def reference_markdown() -> str:
         "",
         "## spec",
         "",
-        " ".join(rule["message"][0].upper() + rule["message"][1:] + "."
-                 for rule in spec.get("x-kubernetes-validations", [])),
+        " ".join(
+            rule["message"][0].upper() + rule["message"][1:] + "." for rule in spec.get("x-kubernetes-validations", [])
+        ),
         "",
         header,
         *_rows(spec, "spec", set(spec.get("required", []))),

@@ -70,7 +70,9 @@ def evaluation_job_name(run: Run, attempt: int) -> str:
 def storage_uri(spec: EmbeddingFinetuneSpec, prefix: str) -> str:
     scheme, separator, rest = spec.storage.uri.partition("://")
     if not separator:  # a local folder (`embedtune run`)
-        return "/" + join(spec.storage.uri, prefix) if spec.storage.uri.startswith("/") else join(spec.storage.uri, prefix)
+        return (
+            "/" + join(spec.storage.uri, prefix) if spec.storage.uri.startswith("/") else join(spec.storage.uri, prefix)
+        )
     return f"{scheme}://{join(rest, prefix)}"
 
 
@@ -160,12 +162,14 @@ def build_status_role(namespace: str, name: str) -> dict[str, Any]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(service_account_name(name), namespace, build_labels(name)),
-        "rules": [{
-            "apiGroups": [GROUP],
-            "resources": [f"{PLURAL}/status"],
-            "resourceNames": [name],
-            "verbs": ["get", "patch"],
-        }],
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ],
     }
 
 
@@ -229,8 +233,16 @@ def _pod_placement(spec: EmbeddingFinetuneSpec) -> dict[str, Any]:
     return placement
 
 
-def _job(name: str, run: Run, role: Role, *, completions: int, pod_spec: dict[str, Any],
-         extra_labels: dict[str, str], deadline_seconds: int | None) -> dict[str, Any]:
+def _job(
+    name: str,
+    run: Run,
+    role: Role,
+    *,
+    completions: int,
+    pod_spec: dict[str, Any],
+    extra_labels: dict[str, str],
+    deadline_seconds: int | None,
+) -> dict[str, Any]:
     labels = build_labels(run.name, run.run_id, role) | extra_labels
     job_spec: dict[str, Any] = {
         "completions": completions,
@@ -249,8 +261,9 @@ def _job(name: str, run: Run, role: Role, *, completions: int, pod_spec: dict[st
     }
 
 
-def _pod_spec(spec: EmbeddingFinetuneSpec, run: Run, container: dict[str, Any],
-              volumes: list[dict[str, Any]]) -> dict[str, Any]:
+def _pod_spec(
+    spec: EmbeddingFinetuneSpec, run: Run, container: dict[str, Any], volumes: list[dict[str, Any]]
+) -> dict[str, Any]:
     container |= {
         "securityContext": _container_security_context(),
         # The trainer writes its reason there; logs are the fallback for crashes.
@@ -265,25 +278,39 @@ def _pod_spec(spec: EmbeddingFinetuneSpec, run: Run, container: dict[str, Any],
     } | _pod_placement(spec)
 
 
-def build_training_job(spec: EmbeddingFinetuneSpec, run: Run, attempt: int, image: str,
-                       deadline_seconds: int | None = None) -> dict[str, Any]:
+def build_training_job(
+    spec: EmbeddingFinetuneSpec, run: Run, attempt: int, image: str, deadline_seconds: int | None = None
+) -> dict[str, Any]:
     """Indexed Job: pod i is torchrun node i; pod 0 hosts the rendezvous."""
     name = training_job_name(run, attempt)
     nodes, gpus = spec.resources.nodes, spec.resources.gpus_per_node
     command = [
-        "python", "-m", "embedtune.trainer.launch",
-        "--nnodes", str(nodes),
-        "--nproc-per-node", str(gpus or 1),  # no GPU: one CPU process per pod
-        "--node-rank", "$(JOB_COMPLETION_INDEX)",
-        "--master-addr", f"{name}-0.{service_name(run.name)}",
-        "--master-port", str(MASTER_PORT),
-        "-m", "embedtune.trainer",
-        "--config", f"{TRAINER_CONFIG_DIR}/{TRAINER_CONFIG_KEY}",
+        "python",
+        "-m",
+        "embedtune.trainer.launch",
+        "--nnodes",
+        str(nodes),
+        "--nproc-per-node",
+        str(gpus or 1),  # no GPU: one CPU process per pod
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--master-addr",
+        f"{name}-0.{service_name(run.name)}",
+        "--master-port",
+        str(MASTER_PORT),
+        "-m",
+        "embedtune.trainer",
+        "--config",
+        f"{TRAINER_CONFIG_DIR}/{TRAINER_CONFIG_KEY}",
     ]
     env = [
         # Declared so Kubernetes expands $(JOB_COMPLETION_INDEX) in the command.
-        {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         *_storage_env(spec),
@@ -307,28 +334,47 @@ def build_training_job(spec: EmbeddingFinetuneSpec, run: Run, attempt: int, imag
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
     ]
     # on SIGTERM the trainer finishes its step and stores a checkpoint; torchrun allows it 30 s
-    pod_spec = _pod_spec(spec, run, container, volumes) | {"subdomain": service_name(run.name),
-                                                           "terminationGracePeriodSeconds": 60}
-    job = _job(name, run, Role.TRAIN, completions=nodes, pod_spec=pod_spec,
-               extra_labels={LABEL_ATTEMPT: str(attempt)}, deadline_seconds=deadline_seconds)
+    pod_spec = _pod_spec(spec, run, container, volumes) | {
+        "subdomain": service_name(run.name),
+        "terminationGracePeriodSeconds": 60,
+    }
+    job = _job(
+        name,
+        run,
+        Role.TRAIN,
+        completions=nodes,
+        pod_spec=pod_spec,
+        extra_labels={LABEL_ATTEMPT: str(attempt)},
+        deadline_seconds=deadline_seconds,
+    )
     job["spec"]["completionMode"] = "Indexed"
     return job
 
 
 def build_evaluation_command(spec: EmbeddingFinetuneSpec, run: Run, namespace_name: str) -> list[str]:
     command = [
-        "embedtune", "evaluate",
-        "--model", model_uri(spec, run),
-        "--baseline", spec.model.base,
-        "--eval-set", eval_set_uri(spec, run),
-        "--k", ",".join(str(k) for k in spec.evaluation.k_values),
-        "--output", metrics_uri(spec, run),
-        "--patch-status", namespace_name,
+        "embedtune",
+        "evaluate",
+        "--model",
+        model_uri(spec, run),
+        "--baseline",
+        spec.model.base,
+        "--eval-set",
+        eval_set_uri(spec, run),
+        "--k",
+        ",".join(str(k) for k in spec.evaluation.k_values),
+        "--output",
+        metrics_uri(spec, run),
+        "--patch-status",
+        namespace_name,
         # the same encoding for both models: the base model as the fine-tuned one was trained
-        "--pooling", spec.model.pooling,
+        "--pooling",
+        spec.model.pooling,
         "--normalize" if spec.model.normalize else "--no-normalize",
-        "--query-max-length", str(spec.model.query_max_length),
-        "--passage-max-length", str(spec.model.passage_max_length),
+        "--query-max-length",
+        str(spec.model.query_max_length),
+        "--passage-max-length",
+        str(spec.model.passage_max_length),
     ]
     if spec.model.query_instruction:
         command += ["--query-instruction", spec.model.query_instruction]
@@ -347,7 +393,7 @@ def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str, atte
         "image": image,
         "command": build_evaluation_command(spec, run, f"{run.namespace}/{run.name}"),
         "env": [
-                {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
             *_storage_env(spec),
         ],
@@ -355,12 +401,20 @@ def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str, atte
         "volumeMounts": [{"name": "scratch", "mountPath": WORK_DIR}],
     }
     pod_spec = _pod_spec(spec, run, container, [{"name": "scratch", "emptyDir": {}}])
-    return _job(evaluation_job_name(run, attempt), run, Role.EVALUATE, completions=1, pod_spec=pod_spec,
-                extra_labels={LABEL_ATTEMPT: str(attempt)}, deadline_seconds=None)
+    return _job(
+        evaluation_job_name(run, attempt),
+        run,
+        Role.EVALUATE,
+        completions=1,
+        pod_spec=pod_spec,
+        extra_labels={LABEL_ATTEMPT: str(attempt)},
+        deadline_seconds=None,
+    )
 
 
-def build_run_objects(spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1,
-                      deadline_seconds: int | None = None) -> list[dict[str, Any]]:
+def build_run_objects(
+    spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1, deadline_seconds: int | None = None
+) -> list[dict[str, Any]]:
     """Everything a run needs before its training Job starts, then the Job itself."""
     return [
         build_service_account(run.namespace, run.name, spec),
@@ -370,4 +424,3 @@ def build_run_objects(spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt
         build_config_map(spec, run),
         build_training_job(spec, run, attempt, image, deadline_seconds),
     ]
-

@@ -54,7 +54,8 @@ class Toleration(CamelModel):
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Equal (the default) compares value.")
     value: str | None = Field(None, description="Taint value, for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        None, description="Taint effect to tolerate; every effect when empty.")
+        None, description="Taint effect to tolerate; every effect when empty."
+    )
     toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
 
 
@@ -63,14 +64,19 @@ class ResourcesSpec(CamelModel):
 
     nodes: int = Field(1, ge=1, le=1024, description="Training pods (torchrun nodes), one Job completion index each.")
     gpus_per_node: int = Field(
-        1, ge=0, le=64,
-        description="nvidia.com/gpu per pod; torchrun's --nproc-per-node. 0 trains on CPU, one process per pod.")
+        1,
+        ge=0,
+        le=64,
+        description="nvidia.com/gpu per pod; torchrun's --nproc-per-node. 0 trains on CPU, one process per pod.",
+    )
     image: str | None = Field(None, description="Trainer image; the operator's default when unset.")
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
     memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")
     shared_memory: str = Field("16Gi", pattern=_QUANTITY, description="Size of /dev/shm (NCCL, dataloader workers).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the pods tolerate, e.g. GPU nodes'.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the pods tolerate, e.g. GPU nodes'."
+    )
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods (preemption order).")
     scheduler_name: str | None = Field(None, description="E.g. a gang scheduler such as volcano.")
     service_account_annotations: dict[str, str] = Field(
@@ -88,9 +94,13 @@ class EvaluationSpec(CamelModel):
     """The evaluation job: base vs fine-tuned on the held-out or given evaluation set."""
 
     enabled: bool = Field(True, description="Run the evaluation job after training.")
-    k_values: list[Annotated[int, Field(ge=1, le=10000)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics.")
+    k_values: list[Annotated[int, Field(ge=1, le=10000)]] = Field(
+        default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics."
+    )
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
-    gate: QualityGate | None = Field(None, description="Fail the run when the fine-tuned model does not improve enough.")
+    gate: QualityGate | None = Field(
+        None, description="Fail the run when the fine-tuned model does not improve enough."
+    )
 
 
 class RunPolicySpec(CamelModel):
@@ -137,7 +147,8 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
         if match and int(match.group(2)) not in spec.evaluation.k_values:
             problems.append(
                 f"spec.evaluation.gate.metric: k={match.group(2)} must be one of evaluation.kValues "
-                f"{spec.evaluation.k_values}")
+                f"{spec.evaluation.k_values}"
+            )
         if not spec.evaluation.enabled:
             problems.append("spec.evaluation.gate: needs evaluation.enabled: true")
     return problems
@@ -156,7 +167,8 @@ def parse_finetune(manifest: Any, *, on_cluster: bool = True) -> EmbeddingFinetu
     if not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
         problems.append(
             f"metadata.name: must be a DNS label of at most {MAX_NAME_LENGTH} characters "
-            "(lowercase letters, digits, '-'); the Job and pod names derive from it")
+            "(lowercase letters, digits, '-'); the Job and pod names derive from it"
+        )
     spec = None
     try:
         spec = EmbeddingFinetuneSpec.model_validate(manifest.get("spec"))
@@ -168,4 +180,3 @@ def parse_finetune(manifest: Any, *, on_cluster: bool = True) -> EmbeddingFinetu
     if problems:
         raise InputError(f"invalid {KIND} {name or '(unnamed)'}", problems)
     return spec
-

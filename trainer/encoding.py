@@ -13,8 +13,9 @@ and chunking keeps only one chunk of vectors in memory (search.py merges the res
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,8 +29,13 @@ EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]
 _SPEC_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "lastToken"}
 
 
-def load_encoder(path: Path | str, overrides: dict[str, Any] | None = None, *, device: str | None = None,
-                 precision: EncodePrecision = "auto"):
+def load_encoder(
+    path: Path | str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    device: str | None = None,
+    precision: EncodePrecision = "auto",
+):
     """A SentenceTransformer for a local model directory or a hub id.
 
     `overrides` holds ModelSpec fields (snake_case) given explicitly; they replace the
@@ -46,8 +52,10 @@ def load_encoder(path: Path | str, overrides: dict[str, Any] | None = None, *, d
         else:
             model = build_sentence_transformer(path, ModelSpec(base=str(path), **overrides), device=device or _device())
     except (OSError, ValueError) as exc:
-        raise InputError(f"model {path}: cannot load it ({exc}); give a sentence-transformers directory, a Hugging "
-                         "Face checkpoint directory, an s3:// URI of either, or a model id reachable from here") from exc
+        raise InputError(
+            f"model {path}: cannot load it ({exc}); give a sentence-transformers directory, a Hugging "
+            "Face checkpoint directory, an s3:// URI of either, or a model id reachable from here"
+        ) from exc
     dtype = _dtype(precision, model.device.type)
     if dtype is not None:
         model.to(dtype)
@@ -61,8 +69,10 @@ def model_settings(model, base: str) -> ModelSpec:
     transformer = model[0]
     pooling = next(module for module in model if isinstance(module, Pooling)).pooling_mode
     if pooling not in _SPEC_POOLING:
-        raise InputError(f"model {base}: pools with {pooling!r}; overriding its settings needs one of cls, mean, "
-                         "lasttoken pooling (drop the --pooling/--normalize/--*-instruction/--*-max-length flags)")
+        raise InputError(
+            f"model {base}: pools with {pooling!r}; overriding its settings needs one of cls, mean, "
+            "lasttoken pooling (drop the --pooling/--normalize/--*-instruction/--*-max-length flags)"
+        )
     return ModelSpec(
         base=base,
         pooling=_SPEC_POOLING[pooling],
@@ -96,19 +106,21 @@ def encode_queries(model, texts: list[str], *, batch_size: int = 64) -> np.ndarr
     return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
 
 
-def encode_passages(model, texts: list[str], *, batch_size: int = 64,
-                    chunk_size: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_passages(
+    model, texts: list[str], *, batch_size: int = 64, chunk_size: int = 16384
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(corpus positions, vectors) for successive chunks of passages, shortest first."""
     by_length = np.argsort([len(text) for text in texts], kind="stable")
     step = batch_size * 16  # the progress bar moves every 16 batches, not once per chunk
     with tqdm(total=len(texts), desc="encode passages", unit="passage", mininterval=2.0) as progress:
         for start in range(0, len(texts), chunk_size):
-            positions = by_length[start:start + chunk_size]
+            positions = by_length[start : start + chunk_size]
             parts = []
             for part in range(0, len(positions), step):
-                part_texts = [texts[i] for i in positions[part:part + step]]
-                vectors = model.encode_document(part_texts, batch_size=batch_size, show_progress_bar=False,
-                                                convert_to_numpy=True)
+                part_texts = [texts[i] for i in positions[part : part + step]]
+                vectors = model.encode_document(
+                    part_texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True
+                )
                 parts.append(np.asarray(vectors, dtype=np.float32).reshape(len(part_texts), -1))
                 progress.update(len(part_texts))
             yield positions, np.concatenate(parts)

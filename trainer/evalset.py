@@ -38,10 +38,14 @@ def _texts(path: Path, rows, optional: tuple[str, ...], problems: list[str]) -> 
     by_id: dict[str, tuple[int, dict]] = {}
     for line_no, obj in rows:
         where = f"{path}:{line_no}"
-        found = [f"{where}: {name}: expected a non-empty string"
-                 for name in ("id", "text") if not isinstance(obj.get(name), str) or not obj[name].strip()]
-        found += [f"{where}: {name}: expected a string"
-                  for name in optional if name in obj and not isinstance(obj[name], str)]
+        found = [
+            f"{where}: {name}: expected a non-empty string"
+            for name in ("id", "text")
+            if not isinstance(obj.get(name), str) or not obj[name].strip()
+        ]
+        found += [
+            f"{where}: {name}: expected a string" for name in optional if name in obj and not isinstance(obj[name], str)
+        ]
         if found:
             problems += found
             continue
@@ -52,8 +56,7 @@ def _texts(path: Path, rows, optional: tuple[str, ...], problems: list[str]) -> 
     return by_id
 
 
-def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None,
-                  region: str | None = None) -> EvalSet:
+def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None, region: str | None = None) -> EvalSet:
     """Read and validate an evaluation set from a directory or storage prefix; InputError
     lists every problem."""
     directory = fetch_to_local(uri, download_dir, endpoint=endpoint, region=region)
@@ -76,8 +79,9 @@ def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None,
         if isinstance(relevance, bool) or not isinstance(relevance, int) or relevance < 0:
             found.append(f"{where}: relevance: expected an integer >= 0 (0 = judged not relevant), got {relevance!r}")
         if not found and (qid, docid) in judged_lines:
-            found.append(f"{where}: docid: {docid!r} judged twice for query {qid!r} "
-                         f"(first on line {judged_lines[qid, docid]})")
+            found.append(
+                f"{where}: docid: {docid!r} judged twice for query {qid!r} (first on line {judged_lines[qid, docid]})"
+            )
         if found:
             problems += found
             continue
@@ -87,13 +91,19 @@ def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None,
         qrels.append({"qid": qid, "docid": docid, "relevance": relevance})
     # A broken qrels line would also make its query look unjudged: report the cause only.
     if not any(p.startswith(str(qrels_file)) for p in problems):
-        problems += [f"{queries_file}:{line_no}: id: query {qid!r} has no relevant passage in {qrels_file.name} "
-                     f"(add a qrels line with relevance > 0, or remove the query)"
-                     for qid, (line_no, _) in queries.items() if qid not in relevant_queries]
+        problems += [
+            f"{queries_file}:{line_no}: id: query {qid!r} has no relevant passage in {qrels_file.name} "
+            f"(add a qrels line with relevance > 0, or remove the query)"
+            for qid, (line_no, _) in queries.items()
+            if qid not in relevant_queries
+        ]
     if problems:
         raise InputError(f"evaluation set {uri} has {len(problems)} problems; fix them and start again", problems)
-    return EvalSet(queries=[{"id": qid, "text": obj["text"]} for qid, (_, obj) in queries.items()],
-                   corpus=[obj for _, obj in corpus.values()], qrels=qrels)
+    return EvalSet(
+        queries=[{"id": qid, "text": obj["text"]} for qid, (_, obj) in queries.items()],
+        corpus=[obj for _, obj in corpus.values()],
+        qrels=qrels,
+    )
 
 
 def passage_text(passage: dict[str, str]) -> str:

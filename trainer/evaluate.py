@@ -41,29 +41,42 @@ class EvaluationOptions:
 def evaluate_model(model, eval_set: EvalSet, options: EvaluationOptions) -> dict[str, float]:
     """Every metric of one loaded model on the evaluation set."""
     queries = encode_queries(model, [query["text"] for query in eval_set.queries], batch_size=options.batch_size)
-    passages = encode_passages(model, [passage_text(passage) for passage in eval_set.corpus],
-                               batch_size=options.batch_size, chunk_size=options.chunk_size)
+    passages = encode_passages(
+        model,
+        [passage_text(passage) for passage in eval_set.corpus],
+        batch_size=options.batch_size,
+        chunk_size=options.chunk_size,
+    )
     _, positions = search(queries, passages, max(options.ks), options.index)
     doc_ids = [passage["id"] for passage in eval_set.corpus]
-    rankings = {query["id"]: [doc_ids[p] for p in row if p != NO_RESULT]
-                for query, row in zip(eval_set.queries, positions)}
+    rankings = {
+        query["id"]: [doc_ids[p] for p in row if p != NO_RESULT] for query, row in zip(eval_set.queries, positions)
+    }
     return retrieval_metrics(rankings, judgments(eval_set), options.ks)
 
 
 def metrics_report(finetuned: dict[str, float], baseline: dict[str, float] | None, eval_set: EvalSet) -> dict:
     """The metrics.json document; `baseline` and `delta` are null without a baseline."""
     delta = {key: finetuned[key] - baseline[key] for key in finetuned} if baseline is not None else None
-    return {"baseline": baseline, "finetuned": finetuned, "delta": delta,
-            "queries": len(eval_set.queries), "corpus": len(eval_set.corpus)}
+    return {
+        "baseline": baseline,
+        "finetuned": finetuned,
+        "delta": delta,
+        "queries": len(eval_set.queries),
+        "corpus": len(eval_set.corpus),
+    }
 
 
 def format_table(report: dict, ks: tuple[int, ...]) -> str:
     columns = ["baseline", "finetuned", "delta"] if report["baseline"] is not None else ["finetuned"]
-    lines = [f"{report['queries']} queries, {report['corpus']} passages",
-             f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns)]
+    lines = [
+        f"{report['queries']} queries, {report['corpus']} passages",
+        f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns),
+    ]
     for key in metric_keys(ks):
-        cells = "".join(f"{report[name][key]:>+12.4f}" if name == "delta" else f"{report[name][key]:>12.4f}"
-                        for name in columns)
+        cells = "".join(
+            f"{report[name][key]:>+12.4f}" if name == "delta" else f"{report[name][key]:>12.4f}" for name in columns
+        )
         lines.append(f"{key:<14}{cells}")
     return "\n".join(lines)
 
@@ -72,7 +85,8 @@ def write_report(report: dict, output: str, *, endpoint: str | None = None, regi
     """Write metrics.json to a local path or an s3:// URI."""
     directory, _, name = output.rstrip("/").rpartition("/")
     open_storage(directory or ".", endpoint=endpoint, region=region).write_bytes(
-        name, json.dumps(report, indent=2).encode())
+        name, json.dumps(report, indent=2).encode()
+    )
 
 
 def patch_status_metrics(namespace: str, name: str, report: dict, *, api=None) -> None:
@@ -84,14 +98,25 @@ def patch_status_metrics(namespace: str, name: str, report: dict, *, api=None) -
     patch_resource_status(namespace, name, {"metrics": metrics}, api=api)
 
 
-def run_evaluation(model: str, eval_set_uri: str, options: EvaluationOptions, *, baseline: str | None = None,
-                   endpoint: str | None = None, region: str | None = None) -> dict:
+def run_evaluation(
+    model: str,
+    eval_set_uri: str,
+    options: EvaluationOptions,
+    *,
+    baseline: str | None = None,
+    endpoint: str | None = None,
+    region: str | None = None,
+) -> dict:
     """Load the evaluation set and the models (local paths, s3:// URIs or hub ids) and
     return the metrics report."""
     with tempfile.TemporaryDirectory(prefix="embedtune-eval-") as work:
         eval_set = load_eval_set(eval_set_uri, Path(work) / "eval", endpoint=endpoint, region=region)
-        logger.info("evaluation set: %d queries, %d passages, %d judgments", len(eval_set.queries),
-                    len(eval_set.corpus), len(eval_set.qrels))
+        logger.info(
+            "evaluation set: %d queries, %d passages, %d judgments",
+            len(eval_set.queries),
+            len(eval_set.corpus),
+            len(eval_set.qrels),
+        )
         scores: dict[str, dict[str, float]] = {}
         for role, uri in (("baseline", baseline), ("finetuned", model)):
             if uri is None:

@@ -48,12 +48,20 @@ def local_trainer_command(config: Path, nproc: int) -> list[str]:
     (a single process needs no process group, and torchrun's would only slow it down)."""
     if nproc == 1:
         return [sys.executable, "-m", "embedtune.trainer", "--config", str(config)]
-    return [sys.executable, "-m", "embedtune.trainer.launch", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "embedtune.trainer", "--config", str(config)]
+    return [
+        sys.executable,
+        "-m",
+        "embedtune.trainer.launch",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "embedtune.trainer",
+        "--config",
+        str(config),
+    ]
 
 
-def run_child(command: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
-              stdout=None) -> int:
+def run_child(command: list[str], env: dict[str, str] | None = None, timeout: float | None = None, stdout=None) -> int:
     """Run a trainer or evaluator process to its end and return its exit code.
 
     Ctrl-C reaches the child with the terminal's process group (the trainer then stores a
@@ -61,8 +69,10 @@ def run_child(command: list[str], env: dict[str, str] | None = None, timeout: fl
     to this process is passed on. After `timeout` seconds the child gets SIGTERM, as a Job
     past its deadline would."""
     child = subprocess.Popen(command, env=env, stdout=stdout)
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))}
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum)),
+    }
     try:
         try:
             return child.wait(timeout=timeout)

@@ -16,7 +16,7 @@ Definitions (relevant = relevance > 0; R = number of relevant passages of the qu
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -28,8 +28,9 @@ def metric_keys(ks: Sequence[int]) -> list[str]:
     return [f"{name}@{k}" for name in METRIC_NAMES for k in ks]
 
 
-def per_query_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]],
-                      ks: Sequence[int]) -> tuple[list[str], dict[str, np.ndarray]]:
+def per_query_metrics(
+    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], ks: Sequence[int]
+) -> tuple[list[str], dict[str, np.ndarray]]:
     """Every metric for every judged query (the order of `qrels`).
 
     `rankings` maps a query id to its retrieved passage ids, best first; a query missing
@@ -42,9 +43,9 @@ def per_query_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str,
     for row, qid in enumerate(query_ids):
         judged = qrels[qid]
         ranked = rankings.get(qid, ())[:depth]
-        gains[row, :len(ranked)] = [max(judged.get(docid, 0), 0) for docid in ranked]
+        gains[row, : len(ranked)] = [max(judged.get(docid, 0), 0) for docid in ranked]
         best = sorted((rel for rel in judged.values() if rel > 0), reverse=True)[:depth]
-        ideal[row, :len(best)] = best
+        ideal[row, : len(best)] = best
         relevant_counts[row] = sum(rel > 0 for rel in judged.values())
 
     ranks = np.arange(1, depth + 1)
@@ -62,13 +63,15 @@ def per_query_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str,
             per_query[f"recall@{k}"] = np.where(relevant_counts > 0, hits_so_far[:, k - 1] / relevant_counts, 0.0)
             per_query[f"mrr@{k}"] = np.where(first_hit <= k, 1.0 / first_hit, 0.0)
             per_query[f"map@{k}"] = np.where(
-                relevant_counts > 0, precision_at_hits[:, :k].sum(axis=1) / relevant_counts, 0.0)
+                relevant_counts > 0, precision_at_hits[:, :k].sum(axis=1) / relevant_counts, 0.0
+            )
             per_query[f"precision@{k}"] = hits_so_far[:, k - 1] / k
     return query_ids, {key: per_query[key] for key in metric_keys(ks)}
 
 
-def retrieval_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]],
-                      ks: Sequence[int]) -> dict[str, float]:
+def retrieval_metrics(
+    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], ks: Sequence[int]
+) -> dict[str, float]:
     """The mean of every metric over all judged queries."""
     if not qrels:
         raise ValueError("no judged queries to evaluate")

@@ -38,12 +38,20 @@ class MiningSummary:
     guarded: int  # candidates the false-negative guard skipped
 
 
-def mine_hard_negatives(records: list[Record], model, spec: HardNegativesSpec, *, seed: int,
-                        candidates: list[str] | None = None, batch_size: int = 64) -> MiningSummary:
+def mine_hard_negatives(
+    records: list[Record],
+    model,
+    spec: HardNegativesSpec,
+    *,
+    seed: int,
+    candidates: list[str] | None = None,
+    batch_size: int = 64,
+) -> MiningSummary:
     """Add mined negatives to each record's `neg`, in place."""
     first, last = parse_rank_range(spec.rank_range)
-    corpus = list(dict.fromkeys(candidates if candidates is not None
-                                else (p for r in records for p in (*r.pos, *r.neg))))
+    corpus = list(
+        dict.fromkeys(candidates if candidates is not None else (p for r in records for p in (*r.pos, *r.neg)))
+    )
     queries = list(dict.fromkeys(r.query.strip() for r in records))
     positives: dict[str, set[str]] = {}
     for record in records:
@@ -52,8 +60,11 @@ def mine_hard_negatives(records: list[Record], model, spec: HardNegativesSpec, *
     query_vectors = encode_queries(model, queries, batch_size=batch_size)
     chunks = encode_passages(model, corpus, batch_size=batch_size)
     scores, ranked = search(query_vectors, chunks, min(last, len(corpus)))
-    lowest_positive = (_lowest_positive_scores(model, queries, query_vectors, positives, batch_size)
-                       if spec.max_score_ratio is not None else None)
+    lowest_positive = (
+        _lowest_positive_scores(model, queries, query_vectors, positives, batch_size)
+        if spec.max_score_ratio is not None
+        else None
+    )
 
     rng = random.Random(seed)
     query_row = {query: row for row, query in enumerate(queries)}
@@ -78,21 +89,29 @@ def mine_hard_negatives(records: list[Record], model, spec: HardNegativesSpec, *
         mined += len(fresh)
         short += len(fresh) < spec.count
     summary = MiningSummary(len(records), mined, short, guarded)
-    logger.info("mined %d hard negatives for %d records (%d got fewer than %d; guard skipped %d candidates)",
-                summary.mined, summary.records, summary.short, spec.count, summary.guarded)
+    logger.info(
+        "mined %d hard negatives for %d records (%d got fewer than %d; guard skipped %d candidates)",
+        summary.mined,
+        summary.records,
+        summary.short,
+        spec.count,
+        summary.guarded,
+    )
     return summary
 
 
-def _lowest_positive_scores(model, queries: list[str], query_vectors: np.ndarray, positives: dict[str, set[str]],
-                            batch_size: int) -> np.ndarray:
+def _lowest_positive_scores(
+    model, queries: list[str], query_vectors: np.ndarray, positives: dict[str, set[str]], batch_size: int
+) -> np.ndarray:
     """Per query, the score of its lowest-scoring positive: the guard's reference."""
     texts = sorted({p for query in queries for p in positives[query]})
     vectors = np.empty((len(texts), query_vectors.shape[1]), dtype=np.float32)
     for positions, chunk in encode_passages(model, texts, batch_size=batch_size):
         vectors[positions] = chunk
     row_of = {text: i for i, text in enumerate(texts)}
-    return np.array([min(float(query_vectors[q] @ vectors[row_of[p]]) for p in positives[query])
-                     for q, query in enumerate(queries)])
+    return np.array(
+        [min(float(query_vectors[q] @ vectors[row_of[p]]) for p in positives[query]) for q, query in enumerate(queries)]
+    )
 
 
 def load_candidates(path: Path) -> list[str]:
@@ -107,13 +126,21 @@ def load_candidates(path: Path) -> list[str]:
     except OSError as exc:
         problems.append(f"{path}: cannot read it: {exc}")
     if problems or not texts:
-        raise InputError(f"candidate pool {path}: expected JSONL lines of {{\"text\": ...}}",
-                         problems or [f"{path}: no candidates"])
+        raise InputError(
+            f'candidate pool {path}: expected JSONL lines of {{"text": ...}}', problems or [f"{path}: no candidates"]
+        )
     return texts
 
 
-def mine_for_training(records: list[Record], spec: HardNegativesSpec, model: ModelSpec, model_path: str | Path,
-                      seed: int, download_dir: Path, storage: StorageSpec | None = None) -> MiningSummary:
+def mine_for_training(
+    records: list[Record],
+    spec: HardNegativesSpec,
+    model: ModelSpec,
+    model_path: str | Path,
+    seed: int,
+    download_dir: Path,
+    storage: StorageSpec | None = None,
+) -> MiningSummary:
     """The trainer's mining step: the base model, encoding exactly as training will."""
     endpoint = storage.endpoint if storage else None
     region = storage.region if storage else None

@@ -51,8 +51,16 @@ class LogReporter:
         rate = f"{progress.samples_per_second:.1f}" if progress.samples_per_second is not None else "?"
         loss = f"{progress.loss:.4f}" if progress.loss is not None else "?"
         lr = f"{progress.learning_rate:.2e}" if progress.learning_rate is not None else "?"
-        logger.info("step %d/%d epoch %.2f loss %s lr %s samples/s %s eta %s", progress.step, progress.total_steps,
-                    progress.epoch, loss, lr, rate, eta)
+        logger.info(
+            "step %d/%d epoch %.2f loss %s lr %s samples/s %s eta %s",
+            progress.step,
+            progress.total_steps,
+            progress.epoch,
+            loss,
+            lr,
+            rate,
+            eta,
+        )
 
     def checkpoint_stored(self, step: int, uri: str) -> None:
         pass  # the uploader already logs it, with size and duration
@@ -121,8 +129,9 @@ def _safely(method, *args) -> None:
         logger.exception("progress reporter %s failed", type(method.__self__).__name__)
 
 
-def progress_from_log(step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int,
-                      elapsed: float, samples_per_step: int) -> TrainingProgress:
+def progress_from_log(
+    step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int, elapsed: float, samples_per_step: int
+) -> TrainingProgress:
     """Turn one Trainer log record into a progress report. Rates count only the steps this
     attempt ran (`steps_done` in `elapsed` seconds), so a resumed run reports honest speed."""
     steps_per_second = steps_done / elapsed if elapsed > 0 and steps_done > 0 else None
@@ -135,4 +144,3 @@ def progress_from_log(step: int, total_steps: int, epoch: float, logs: dict, *, 
         samples_per_second=steps_per_second * samples_per_step if steps_per_second else None,
         eta_seconds=(total_steps - step) / steps_per_second if steps_per_second else None,
     )
-

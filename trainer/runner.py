@@ -89,8 +89,10 @@ def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
     tied = set(getattr(encoder, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]})")
+        raise RuntimeError(
+            f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
 
 
 class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
@@ -165,8 +167,7 @@ def deepspeed_config(config: TrainerConfig) -> dict | None:
 def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train_file: Path):
     """FlagEmbedding's model and data arguments; the data must exist (they check)."""
     t, m = config.training, config.model
-    model_args = EncoderOnlyEmbedderModelArguments(
-        model_name_or_path=model_path, trust_remote_code=m.trust_remote_code)
+    model_args = EncoderOnlyEmbedderModelArguments(model_name_or_path=model_path, trust_remote_code=m.trust_remote_code)
     data_args = EncoderOnlyEmbedderDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
@@ -243,18 +244,29 @@ class ProgressCallback(TrainerCallback):
         if not self._announced and self.model.first_scores_shape is not None and state.is_world_process_zero:
             self._announced = True
             queries, passages = self.model.first_scores_shape
-            logger.info("negatives: world size %d, each of %d queries scored against %d passages "
-                        "(cross-device %s)", args.world_size, queries, passages,
-                        "on" if self.model.negatives_cross_device else "off")
+            logger.info(
+                "negatives: world size %d, each of %d queries scored against %d passages (cross-device %s)",
+                args.world_size,
+                queries,
+                passages,
+                "on" if self.model.negatives_cross_device else "off",
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs or self._started is None:
             return
         started_at, started_step = self._started
-        self.reporter.training_progress(progress_from_log(
-            state.global_step, state.max_steps, state.epoch or 0.0, logs,
-            steps_done=state.global_step - started_step, elapsed=time.monotonic() - started_at,
-            samples_per_step=samples_per_step(args)))
+        self.reporter.training_progress(
+            progress_from_log(
+                state.global_step,
+                state.max_steps,
+                state.epoch or 0.0,
+                logs,
+                steps_done=state.global_step - started_step,
+                elapsed=time.monotonic() - started_at,
+                samples_per_step=samples_per_step(args),
+            )
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.reporter.flush()
@@ -287,8 +299,9 @@ class StopOnSignal(TrainerCallback):
 
     def _request_stop(self, signum, frame) -> None:
         if self.signal_name is None:
-            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "%s received: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name
+            )
         self.signal_name = signal.Signals(signum).name
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -12,7 +12,8 @@ order faiss happened to return equal scores in.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 
@@ -28,8 +29,9 @@ IVF_PROBES = 128
 NO_RESULT = -1
 
 
-def search(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
-           index: IndexKind = "exact") -> tuple[np.ndarray, np.ndarray]:
+def search(
+    queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, index: IndexKind = "exact"
+) -> tuple[np.ndarray, np.ndarray]:
     """The k best passages of every query by inner product.
 
     `chunks` yields (corpus positions, vectors) pairs covering the corpus. Returns

@@ -70,10 +70,11 @@ class Storage(ABC):
                 list(pool.map(lambda pair: self.upload_file(pair[0], pair[1].key, bar), zip(files, uploaded)))
         return uploaded
 
-    def download_dir(self, prefix: str, local_dir: Path, *, keys: list[StoredObject] | None = None,
-                     desc: str | None = None) -> list[Path]:
+    def download_dir(
+        self, prefix: str, local_dir: Path, *, keys: list[StoredObject] | None = None, desc: str | None = None
+    ) -> list[Path]:
         objects = keys if keys is not None else self.list(prefix)
-        targets = [Path(local_dir) / o.key[len(prefix):].lstrip("/") for o in objects]
+        targets = [Path(local_dir) / o.key[len(prefix) :].lstrip("/") for o in objects]
         with _byte_progress(sum(o.size for o in objects), desc or f"download {prefix}") as bar:
             with ThreadPoolExecutor(PARALLEL_FILES) as pool:
                 list(pool.map(lambda pair: self.download_file(pair[0].key, pair[1], bar), zip(objects, targets)))
@@ -207,20 +208,26 @@ class S3Storage(Storage):
 
     def upload_file(self, local: Path, key: str, progress: tqdm | None = None) -> None:
         self.client.upload_file(
-            str(local), self.bucket, self._key(key), Config=self.transfer,
+            str(local),
+            self.bucket,
+            self._key(key),
+            Config=self.transfer,
             Callback=progress.update if progress is not None else None,
         )
 
     def download_file(self, key: str, local: Path, progress: tqdm | None = None) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(
-            self.bucket, self._key(key), str(local), Config=self.transfer,
+            self.bucket,
+            self._key(key),
+            str(local),
+            Config=self.transfer,
             Callback=progress.update if progress is not None else None,
         )
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # the API's batch limit
-            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
 
@@ -237,7 +244,7 @@ def open_storage(uri: str, *, endpoint: str | None = None, region: str | None = 
         return S3Storage(parsed.netloc, parsed.path, endpoint=endpoint, region=region)
     if parsed.scheme == "file":
         return LocalStorage(Path(parsed.path))
-    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
+    if parsed.scheme in ("",) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
         return LocalStorage(Path(uri))
     raise InputError(f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or a path)")
 
@@ -258,8 +265,9 @@ def package_path(uri: str) -> Path:
     return path
 
 
-def fetch_to_local(uri: str, dest: Path, *, endpoint: str | None = None, region: str | None = None,
-                   download: bool = True) -> Path:
+def fetch_to_local(
+    uri: str, dest: Path, *, endpoint: str | None = None, region: str | None = None, download: bool = True
+) -> Path:
     """A local path for `uri`: local paths and hub ids are used as they are, package:// points
     into an installed package; an s3:// object
     or prefix is downloaded under `dest` first (unless `download` is False: another process

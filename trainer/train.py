@@ -36,8 +36,9 @@ class TrainingStopped(Exception):
 
     def __init__(self, step: int, signal_name: str):
         self.step, self.signal_name = step, signal_name
-        super().__init__(f"{signal_name}: stopped at step {step} with a checkpoint there; "
-                         "running again resumes from it")
+        super().__init__(
+            f"{signal_name}: stopped at step {step} with a checkpoint there; running again resumes from it"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -56,8 +57,12 @@ def _rank() -> tuple[int, int, int, int]:
     """(global rank, local rank, node rank, number of nodes) as torchrun sets them."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
-            int(os.environ.get("GROUP_RANK", "0")), max(1, world // max(1, local_world)))
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("GROUP_RANK", "0")),
+        max(1, world // max(1, local_world)),
+    )
 
 
 def _broadcast_from_rank0(value):
@@ -91,11 +96,25 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
 
     resumed: tuple[int, bool] | None = None  # (step, training finished at that step)
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
-        model_path = str(fetch_to_local(config.model.base, work / "base-model", endpoint=config.storage.endpoint,
-                                        region=config.storage.region, download=local_rank == 0))
-        prepared = prepare_training_data(config.data, config.training.group_size, config.training.seed,
-                                         work / "data", config.storage, model=config.model, model_path=model_path,
-                                         reuse=local_rank != 0)
+        model_path = str(
+            fetch_to_local(
+                config.model.base,
+                work / "base-model",
+                endpoint=config.storage.endpoint,
+                region=config.storage.region,
+                download=local_rank == 0,
+            )
+        )
+        prepared = prepare_training_data(
+            config.data,
+            config.training.group_size,
+            config.training.seed,
+            work / "data",
+            config.storage,
+            model=config.model,
+            model_path=model_path,
+            reuse=local_rank != 0,
+        )
         if local_rank == 0:
             resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
     # rank 0's choice holds everywhere, so every node resumes the same step
@@ -114,13 +133,19 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         # killed after the last checkpoint: resuming would make HF train one step too many
         final_step, final_loss = resumed[0], None
     else:
-        final_step, final_loss = _run_training(config, training_args, store, model_path, prepared.train_file,
-                                               reporters or [])
+        final_step, final_loss = _run_training(
+            config, training_args, store, model_path, prepared.train_file, reporters or []
+        )
 
     model_uri = None
     if rank == 0:
-        model_uri = _publish_model(config, storage, layout, output_dir / checkpoint_dir_name(final_step),
-                                   {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records})
+        model_uri = _publish_model(
+            config,
+            storage,
+            layout,
+            output_dir / checkpoint_dir_name(final_step),
+            {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
+        )
     return TrainResult(model_uri, eval_uri, resumed[0] if resumed else None, final_step)
 
 
@@ -137,21 +162,33 @@ def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -
     return step, state["global_step"] >= (max_steps or state["max_steps"])
 
 
-def _run_training(config: TrainerConfig, training_args, store, model_path: str, train_file: Path,
-                  reporters: list[ProgressReporter]) -> tuple[int, float | None]:
+def _run_training(
+    config: TrainerConfig, training_args, store, model_path: str, train_file: Path, reporters: list[ProgressReporter]
+) -> tuple[int, float | None]:
     from .checkpoints import CheckpointUploader
-    from .runner import (CheckpointCallback, EmbedtuneRunner, ProgressCallback, StopOnSignal,
-                         build_model_and_data_arguments)
+    from .runner import (
+        CheckpointCallback,
+        EmbedtuneRunner,
+        ProgressCallback,
+        StopOnSignal,
+        build_model_and_data_arguments,
+    )
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
-    reporter = ThrottledReporter([LogReporter(), JsonFileReporter(work / "progress.json"), *reporters],
-                                 config.progress_interval_seconds)
+    reporter = ThrottledReporter(
+        [LogReporter(), JsonFileReporter(work / "progress.json"), *reporters], config.progress_interval_seconds
+    )
     uploader = None
     if local_rank == 0:
-        uploader = CheckpointUploader(store, work / "upload-staging", node_rank=node_rank, num_nodes=num_nodes,
-                                      keep=config.checkpoint.keep,
-                                      on_complete=reporter.checkpoint_stored if rank == 0 else None)
+        uploader = CheckpointUploader(
+            store,
+            work / "upload-staging",
+            node_rank=node_rank,
+            num_nodes=num_nodes,
+            keep=config.checkpoint.keep,
+            on_complete=reporter.checkpoint_stored if rank == 0 else None,
+        )
     model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
     stop = StopOnSignal()
     runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader), stop])
@@ -165,8 +202,9 @@ def _run_training(config: TrainerConfig, training_args, store, model_path: str, 
     if stop.signal_name is not None and state.global_step < state.max_steps:
         raise TrainingStopped(state.global_step, stop.signal_name)
     if rank == 0:
-        logger.info("training finished at step %d; train_runtime %.3fs", state.global_step,
-                    output.metrics["train_runtime"])
+        logger.info(
+            "training finished at step %d; train_runtime %.3fs", state.global_step, output.metrics["train_runtime"]
+        )
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return state.global_step, (losses[-1] if losses else None)
 
@@ -178,8 +216,9 @@ def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_chec
     from .export import export_sentence_transformers
 
     summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
-    export_dir = export_sentence_transformers(final_checkpoint, Path(config.work_dir) / "model", config.model,
-                                              extra={"training": summary})
+    export_dir = export_sentence_transformers(
+        final_checkpoint, Path(config.work_dir) / "model", config.model, extra={"training": summary}
+    )
     model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
     logger.info("model stored at %s", model_uri)
     return model_uri

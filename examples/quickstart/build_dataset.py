@@ -62,7 +62,7 @@ def parse_data_noun(path: Path) -> list[Synset]:
             head, _, gloss = line.partition(" | ")
             fields = head.split()
             word_count = int(fields[3], 16)
-            words = fields[4:4 + 2 * word_count:2]
+            words = fields[4 : 4 + 2 * word_count : 2]
             definition = EXAMPLES_START.split(gloss, maxsplit=1)[0].strip().rstrip(";:").strip()
             if definition:
                 synsets.append(Synset(fields[0], ", ".join(w.replace("_", " ") for w in words), definition))
@@ -96,35 +96,48 @@ def split(synsets: list[Synset], *, eval_queries: int = EVAL_QUERIES, seed: int 
     random.Random(seed).shuffle(definitions)
     held_out = definitions[:eval_queries]
     held_out_texts = {text for definition in held_out for text in relevant[definition]}
-    training_side = [definition for definition in definitions[eval_queries:]
-                     if not set(relevant[definition]) & held_out_texts]
+    training_side = [
+        definition for definition in definitions[eval_queries:] if not set(relevant[definition]) & held_out_texts
+    ]
     return Split(relevant, held_out, training_side, sorted({synset.lemmas for synset in synsets}))
 
 
-def retrieval_set(queries: list[str], relevant: dict[str, list[str]], distractors: list[str], corpus_size: int,
-                  rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
+def retrieval_set(
+    queries: list[str], relevant: dict[str, list[str]], distractors: list[str], corpus_size: int, rng: random.Random
+) -> tuple[list[dict], list[dict], list[dict]]:
     """(queries, corpus, qrels): every positive of `queries`, filled up to `corpus_size` with a
     seeded sample of the other `distractors`, in seeded order."""
     positives = {text for query in queries for text in relevant[query]}
     others = [text for text in distractors if text not in positives]
     rng.shuffle(others)
-    corpus_texts = sorted(positives) + others[:max(0, corpus_size - len(positives))]
+    corpus_texts = sorted(positives) + others[: max(0, corpus_size - len(positives))]
     rng.shuffle(corpus_texts)
     doc_ids = {text: f"d{i}" for i, text in enumerate(corpus_texts)}
     query_rows = [{"id": f"q{i}", "text": query} for i, query in enumerate(queries)]
-    qrels = [{"qid": row["id"], "docid": doc_ids[text], "relevance": 1}
-             for row in query_rows for text in relevant[row["text"]]]
+    qrels = [
+        {"qid": row["id"], "docid": doc_ids[text], "relevance": 1}
+        for row in query_rows
+        for text in relevant[row["text"]]
+    ]
     return query_rows, [{"id": doc_ids[text], "text": text} for text in corpus_texts], qrels
 
 
-def build(synsets: list[Synset], *, eval_queries: int = EVAL_QUERIES, corpus_size: int = CORPUS_SIZE,
-          train_pairs: int = TRAIN_PAIRS, seed: int = SEED) -> Dataset:
+def build(
+    synsets: list[Synset],
+    *,
+    eval_queries: int = EVAL_QUERIES,
+    corpus_size: int = CORPUS_SIZE,
+    train_pairs: int = TRAIN_PAIRS,
+    seed: int = SEED,
+) -> Dataset:
     parts = split(synsets, eval_queries=eval_queries, seed=seed)
-    train = [{"query": definition, "pos": parts.relevant[definition]}
-             for definition in parts.training_side[:train_pairs]]
+    train = [
+        {"query": definition, "pos": parts.relevant[definition]} for definition in parts.training_side[:train_pairs]
+    ]
     # the distractors may be training positives: retrieval must still rank the right one first
-    queries, corpus, qrels = retrieval_set(parts.held_out, parts.relevant, parts.texts, corpus_size,
-                                           random.Random(seed))
+    queries, corpus, qrels = retrieval_set(
+        parts.held_out, parts.relevant, parts.texts, corpus_size, random.Random(seed)
+    )
     return Dataset(train, queries, corpus, qrels)
 
 
@@ -144,16 +157,26 @@ def write(dataset: Dataset, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"),
-                        help="WordNet 3.0 dict directory holding data.noun (default: /usr/share/wordnet)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="output directory (default: this script's directory)")
+    parser.add_argument(
+        "--wordnet",
+        type=Path,
+        default=Path("/usr/share/wordnet"),
+        help="WordNet 3.0 dict directory holding data.noun (default: /usr/share/wordnet)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="output directory (default: this script's directory)",
+    )
     args = parser.parse_args(argv)
     synsets = parse_data_noun(args.wordnet / "data.noun")
     dataset = build(synsets)
     write(dataset, args.out)
-    print(f"{len(synsets)} noun synsets -> {len(dataset.train)} training pairs, {len(dataset.queries)} held-out "
-          f"queries, {len(dataset.corpus)} corpus passages, {len(dataset.qrels)} judgments in {args.out}")
+    print(
+        f"{len(synsets)} noun synsets -> {len(dataset.train)} training pairs, {len(dataset.queries)} held-out "
+        f"queries, {len(dataset.corpus)} corpus passages, {len(dataset.qrels)} judgments in {args.out}"
+    )
 
 
 if __name__ == "__main__":

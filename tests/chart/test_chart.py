@@ -114,8 +114,10 @@ def test_probe_and_metrics_ports_are_the_ones_the_operator_serves(values):
         assert ports["metrics"] == args.metrics_port
         (service,) = services
         assert service["spec"]["ports"][0]["targetPort"] == "metrics"
-        assert service["spec"]["selector"].items() <= objects_of(objects, "Deployment")[0]["spec"]["template"][
-            "metadata"]["labels"].items()
+        assert (
+            service["spec"]["selector"].items()
+            <= objects_of(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"].items()
+        )
     else:
         assert "metrics" not in ports and not services
     monitors = objects_of(objects, "ServiceMonitor")

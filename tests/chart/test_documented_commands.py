@@ -30,10 +30,18 @@ def shell_commands() -> list[tuple[str, list[str]]]:
 
 COMMANDS = shell_commands()
 HELM_INSTALLS = [words for _, words in COMMANDS if words[:2] in (["helm", "install"], ["helm", "upgrade"])]
-APPLIED_FILES = sorted({words[words.index(flag) + 1] for _, words in COMMANDS if words[0] == "kubectl"
-                        for flag in ("-f", "--patch-file") if flag in words})
-EMBEDTUNE = [words[1:] for _, words in COMMANDS
-             if words[0] == "embedtune" and words[1] in ("validate", "render", "check-data")]
+APPLIED_FILES = sorted(
+    {
+        words[words.index(flag) + 1]
+        for _, words in COMMANDS
+        if words[0] == "kubectl"
+        for flag in ("-f", "--patch-file")
+        if flag in words
+    }
+)
+EMBEDTUNE = [
+    words[1:] for _, words in COMMANDS if words[0] == "embedtune" and words[1] in ("validate", "render", "check-data")
+]
 
 
 def test_the_documents_show_the_commands_checked_here():

@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
         return
     missing = missing_tools()
     if missing:
-        skip = pytest.mark.skip(reason=f"kind e2e suite: {', '.join(missing)} not found; "
-                                f"run tests/e2e/run.sh where Docker and kind exist")
+        skip = pytest.mark.skip(
+            reason=f"kind e2e suite: {', '.join(missing)} not found; run tests/e2e/run.sh where Docker and kind exist"
+        )
         for item in ours:
             item.add_marker(skip)

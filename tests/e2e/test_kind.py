@@ -74,10 +74,16 @@ def kubectl(kubeconfig):
 
 @pytest.fixture(scope="session")
 def images(kubeconfig):
-    builds = {OPERATOR_IMAGE: ["-f", "operator/Dockerfile"],
-              # a CPU torch keeps the image small; kind has no GPUs
-              TRAINER_IMAGE: ["-f", "trainer/Dockerfile", "--build-arg",
-                              "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"]}
+    builds = {
+        OPERATOR_IMAGE: ["-f", "operator/Dockerfile"],
+        # a CPU torch keeps the image small; kind has no GPUs
+        TRAINER_IMAGE: [
+            "-f",
+            "trainer/Dockerfile",
+            "--build-arg",
+            "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu",
+        ],
+    }
     for image, arguments in builds.items():
         sh("docker", "build", *arguments, "-t", image, str(ROOT), timeout=3600)
         sh("kind", "load", "docker-image", image, "--name", CLUSTER, timeout=1200)
@@ -95,10 +101,16 @@ def s3(kubeconfig, kubectl, tmp_path_factory):
     port = free_port()
     forward = subprocess.Popen(
         ["kubectl", "--kubeconfig", str(kubeconfig), "-n", NAMESPACE, "port-forward", "svc/minio", f"{port}:9000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+    )
     wait_for(lambda: _reachable(client), 60, "MinIO through the port-forward", interval=1)
     client.create_bucket(Bucket=BUCKET)
     client.upload_file(str(E2E / "data" / "train.jsonl"), BUCKET, "data/train.jsonl")
@@ -122,8 +134,21 @@ def _reachable(client) -> bool:
 @pytest.fixture(scope="session")
 def operator(kubeconfig, images, s3):
     settings = [argument for key, value in CHART_VALUES.items() for argument in ("--set", f"{key}={value}")]
-    sh("helm", "install", RELEASE, str(CHART), "--kubeconfig", str(kubeconfig), "--namespace", RELEASE_NAMESPACE,
-       "--create-namespace", *settings, "--wait", "--timeout", "5m")
+    sh(
+        "helm",
+        "install",
+        RELEASE,
+        str(CHART),
+        "--kubeconfig",
+        str(kubeconfig),
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        *settings,
+        "--wait",
+        "--timeout",
+        "5m",
+    )
     yield
     sh("helm", "uninstall", RELEASE, "--kubeconfig", str(kubeconfig), "--namespace", RELEASE_NAMESPACE, "--wait")
 
@@ -143,6 +168,7 @@ def finished(kubectl, name: str, timeout: float) -> dict:
     def check():
         status = status_of(kubectl, name)
         return status if status.get("phase") in ("Succeeded", "Failed") else None
+
     return wait_for(check, timeout, f"{name} to finish")
 
 
@@ -163,9 +189,19 @@ def test_a_killed_training_pod_resumes_from_its_checkpoint(kubectl, operator):
     def checkpointed():
         status = status_of(kubectl, "tiny-resume")
         return status if status.get("phase") == "Training" and (status.get("checkpoint") or {}).get("step") else None
+
     checkpoint = wait_for(checkpointed, 1200, "a checkpoint of the first attempt")["checkpoint"]["step"]
-    kubectl("-n", NAMESPACE, "delete", "pod", "--wait=false", "--grace-period=0", "--force",
-            "-l", "embedtune.io/finetune=tiny-resume,embedtune.io/role=train")
+    kubectl(
+        "-n",
+        NAMESPACE,
+        "delete",
+        "pod",
+        "--wait=false",
+        "--grace-period=0",
+        "--force",
+        "-l",
+        "embedtune.io/finetune=tiny-resume,embedtune.io/role=train",
+    )
 
     status = finished(kubectl, "tiny-resume", timeout=2400)
     assert status["phase"] == "Succeeded", status

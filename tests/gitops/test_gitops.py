@@ -45,10 +45,17 @@ def resources_in_each_state() -> dict[str, dict]:
     pending, created = reconciled(manifest)
     job = next(obj for obj in created if obj["kind"] == "Job")
     training, _ = reconciled(pending, [with_job_status(job, active=2, ready=2)])
-    succeeded, _ = reconciled(training, [with_job_status(job, succeeded=2, conditions=[
-        {"type": "Complete", "status": "True"}])])
-    failed, _ = reconciled(training, [with_job_status(job, failed=1, conditions=[
-        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}])])
+    succeeded, _ = reconciled(
+        training, [with_job_status(job, succeeded=2, conditions=[{"type": "Complete", "status": "True"}])]
+    )
+    failed, _ = reconciled(
+        training,
+        [
+            with_job_status(
+                job, failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+            )
+        ],
+    )
     suspend = copy.deepcopy(training)
     suspend["spec"]["runPolicy"]["suspend"] = True
     suspended, _ = reconciled(suspend, [with_job_status(job, active=2, ready=2)])
@@ -57,21 +64,49 @@ def resources_in_each_state() -> dict[str, dict]:
     committed["metadata"]["generation"] = 2
     committed["spec"]["training"] = {"learningRate": 1e-4}
     retraining, _ = reconciled(committed)
-    return {"pending": pending, "training": training, "succeeded": succeeded, "failed": failed,
-            "suspended": suspended, "committed": committed, "retraining": retraining}
+    return {
+        "pending": pending,
+        "training": training,
+        "succeeded": succeeded,
+        "failed": failed,
+        "suspended": suspended,
+        "committed": committed,
+        "retraining": retraining,
+    }
 
 
 STATES = resources_in_each_state()
-ARGO_HEALTH = {"pending": "Progressing", "training": "Progressing", "succeeded": "Healthy", "failed": "Degraded",
-               "suspended": "Suspended", "committed": "Progressing", "retraining": "Progressing"}
-KSTATUS = {"pending": "InProgress", "training": "InProgress", "succeeded": "Current", "failed": "Failed",
-           "suspended": "InProgress", "committed": "InProgress", "retraining": "InProgress"}
+ARGO_HEALTH = {
+    "pending": "Progressing",
+    "training": "Progressing",
+    "succeeded": "Healthy",
+    "failed": "Degraded",
+    "suspended": "Suspended",
+    "committed": "Progressing",
+    "retraining": "Progressing",
+}
+KSTATUS = {
+    "pending": "InProgress",
+    "training": "InProgress",
+    "succeeded": "Current",
+    "failed": "Failed",
+    "suspended": "InProgress",
+    "committed": "InProgress",
+    "retraining": "InProgress",
+}
 
 
 def test_the_states_are_the_ones_named():
     phases = {state: resource["status"]["phase"] for state, resource in STATES.items()}
-    assert phases == {"pending": "Pending", "training": "Training", "succeeded": "Succeeded", "failed": "Failed",
-                      "suspended": "Suspended", "committed": "Succeeded", "retraining": "Pending"}
+    assert phases == {
+        "pending": "Pending",
+        "training": "Training",
+        "succeeded": "Succeeded",
+        "failed": "Failed",
+        "suspended": "Suspended",
+        "committed": "Succeeded",
+        "retraining": "Pending",
+    }
     assert [entry["runId"] for entry in STATES["retraining"]["status"]["history"]] == ["1"]
 
 
@@ -102,7 +137,8 @@ def kstatus(resource: dict) -> str:
     """kstatus's rules for a custom resource (sigs.k8s.io/cli-utils, what Flux's health checks use)."""
     status = resource.get("status") or {}
     if status.get("observedGeneration", resource["metadata"].get("generation")) != resource["metadata"].get(
-            "generation"):
+        "generation"
+    ):
         return "InProgress"
     conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
     if conditions.get("Reconciling") == "True":
@@ -129,16 +165,23 @@ def test_argocd_application_syncs_the_valid_example_manifests(capsys):
         # what `embedtune validate` checks before a commit
         assert main(["validate", str(manifest)]) == 0, capsys.readouterr().err
         assert {doc["metadata"]["namespace"] for doc in documents(manifest)} == {
-            application["spec"]["destination"]["namespace"]}
+            application["spec"]["destination"]["namespace"]
+        }
 
 
 def test_flux_kustomization_checks_the_health_of_every_finetune_it_applies():
     documents_by_kind = {doc["kind"]: doc for doc in documents(GITOPS / "flux" / "embedding-finetunes.yaml")}
     source, kustomization = documents_by_kind["GitRepository"], documents_by_kind["Kustomization"]
     assert kustomization["spec"]["sourceRef"] == {"kind": "GitRepository", "name": source["metadata"]["name"]}
-    applied = [doc for manifest in sorted((ROOT / kustomization["spec"]["path"]).glob("*.yaml"))
-               for doc in documents(manifest)]
-    checked = [(check["apiVersion"], check["kind"], check["name"], check["namespace"])
-               for check in kustomization["spec"]["healthChecks"]]
-    assert sorted(checked) == sorted((API_VERSION, KIND, doc["metadata"]["name"], doc["metadata"]["namespace"])
-                                     for doc in applied if doc["kind"] == KIND)
+    applied = [
+        doc for manifest in sorted((ROOT / kustomization["spec"]["path"]).glob("*.yaml")) for doc in documents(manifest)
+    ]
+    checked = [
+        (check["apiVersion"], check["kind"], check["name"], check["namespace"])
+        for check in kustomization["spec"]["healthChecks"]
+    ]
+    assert sorted(checked) == sorted(
+        (API_VERSION, KIND, doc["metadata"]["name"], doc["metadata"]["namespace"])
+        for doc in applied
+        if doc["kind"] == KIND
+    )

@@ -26,8 +26,11 @@ PINNED_BASE = re.compile(r"^(?P<name>[\w./-]+):(?P<version>\d+\.\d+\.\d+)[\w.-]*
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def arguments(dockerfile: Path, instruction: str) -> list[str]:
@@ -85,16 +88,23 @@ def import_names(distributions: set[str]) -> set[str]:
     from importlib.metadata import packages_distributions
 
     canonical = {name.lower().replace("_", "-") for name in distributions}
-    return {module for module, owners in packages_distributions().items()
-            if any(owner.lower().replace("_", "-") in canonical for owner in owners)}
+    return {
+        module
+        for module, owners in packages_distributions().items()
+        if any(owner.lower().replace("_", "-") in canonical for owner in owners)
+    }
 
 
 # What each image runs: the operator process; the job pods' torchrun launcher, trainer and
 # `embedtune evaluate` (through the CLI).
 IMAGE_MODULES = {
     "operator": ["embedtune.operator.main", "embedtune.operator.handlers", "embedtune.operator.cli"],
-    "trainer": ["embedtune.trainer.launch", "embedtune.trainer.train", "embedtune.trainer.evaluate",
-                "embedtune.operator.cli"],
+    "trainer": [
+        "embedtune.trainer.launch",
+        "embedtune.trainer.train",
+        "embedtune.trainer.evaluate",
+        "embedtune.operator.cli",
+    ],
 }
 
 
@@ -105,14 +115,17 @@ def test_image_modules_import_without_the_other_images_packages(image):
 
     other = "trainer" if image == "operator" else "operator"
     own = {requirement.name for requirement in extra(image)} | {
-        Requirement(text).name for text in PYPROJECT["project"]["dependencies"]}
+        Requirement(text).name for text in PYPROJECT["project"]["dependencies"]
+    }
     absent = sorted(import_names({requirement.name for requirement in extra(other)} - own))
     assert absent, f"no package of [{other}] is installed here to leave out"
-    program = "; ".join([
-        "import importlib, sys",
-        *(f"sys.modules[{module!r}] = None" for module in absent),  # `import x` now fails
-        *(f"importlib.import_module({module!r})" for module in IMAGE_MODULES[image]),
-    ])
+    program = "; ".join(
+        [
+            "import importlib, sys",
+            *(f"sys.modules[{module!r}] = None" for module in absent),  # `import x` now fails
+            *(f"importlib.import_module({module!r})" for module in IMAGE_MODULES[image]),
+        ]
+    )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"[{image}] needs one of {absent}:\n{result.stderr[-2000:]}"
 
@@ -137,8 +150,10 @@ def test_entrypoint_is_a_console_script_of_the_package(image):
 
 def test_the_modules_the_jobs_run_exist_in_the_trainer_package():
     spec, run = parse_finetune(minimal_manifest()), Run("ml", "tiny", "1")
-    commands = [build_training_job(spec, run, 1, "img")["spec"]["template"]["spec"]["containers"][0]["command"],
-                build_evaluation_job(spec, run, "img")["spec"]["template"]["spec"]["containers"][0]["command"]]
+    commands = [
+        build_training_job(spec, run, 1, "img")["spec"]["template"]["spec"]["containers"][0]["command"],
+        build_evaluation_job(spec, run, "img")["spec"]["template"]["spec"]["containers"][0]["command"],
+    ]
     modules = [command[index + 1] for command in commands for index, word in enumerate(command) if word == "-m"]
     assert modules
     for module in modules:

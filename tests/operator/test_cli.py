@@ -15,8 +15,11 @@ def test_validate_accepts_the_example(capsys):
 
 
 def test_validate_lists_every_problem_and_exits_2(tmp_path, capsys):
-    path = write(tmp_path, minimal_manifest(resources={"gpusPerNode": -1}),
-                 minimal_manifest(name="other", storage={"uri": "/local"}))
+    path = write(
+        tmp_path,
+        minimal_manifest(resources={"gpusPerNode": -1}),
+        minimal_manifest(name="other", storage={"uri": "/local"}),
+    )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "spec.resources.gpusPerNode: Input should be greater than or equal to 0" in err
@@ -32,7 +35,14 @@ def test_render_prints_every_object(capsys):
     assert main(["render", str(EXAMPLES / "finetune.yaml"), "--trainer-image", "r/t:1"]) == 0
     objects = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [obj["kind"] for obj in objects] == [
-        "ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job", "Job"]
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ConfigMap",
+        "Job",
+        "Job",
+    ]
     assert {obj["metadata"]["namespace"] for obj in objects} == {"ml"}
     assert objects[5]["spec"]["template"]["spec"]["containers"][0]["image"] == "r/t:1"
     assert objects[5]["spec"]["activeDeadlineSeconds"] == 86400
@@ -41,13 +51,25 @@ def test_render_prints_every_object(capsys):
 
 def test_render_applies_the_operators_storage_defaults(tmp_path, capsys):
     manifest = minimal_manifest(storage={"uri": "s3://models/x"})
-    assert main(["render", str(write(tmp_path, manifest)), "--storage-endpoint", "http://minio.s3:9000",
-                 "--storage-credentials-secret", "cluster-creds"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                str(write(tmp_path, manifest)),
+                "--storage-endpoint",
+                "http://minio.s3:9000",
+                "--storage-credentials-secret",
+                "cluster-creds",
+            ]
+        )
+        == 0
+    )
     objects = {obj["kind"]: obj for obj in yaml.safe_load_all(capsys.readouterr().out)}
     assert yaml.safe_load(objects["ConfigMap"]["data"]["trainer.yaml"])["storage"]["endpoint"] == "http://minio.s3:9000"
     env = objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})} == {
-        "cluster-creds"}
+        "cluster-creds"
+    }
 
 
 def test_render_refuses_invalid_manifests(tmp_path, capsys):

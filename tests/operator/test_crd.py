@@ -33,7 +33,9 @@ def test_crd_file_is_generated_from_the_models():
 
 def test_reference_doc_is_generated_from_the_crd():
     reference = CRD_PATH.parents[1] / "docs" / "reference.md"
-    assert reference.read_text() == reference_markdown(), f"regenerate: python -m embedtune.operator.reference > {reference}"
+    assert reference.read_text() == reference_markdown(), (
+        f"regenerate: python -m embedtune.operator.reference > {reference}"
+    )
 
 
 def test_reference_lists_every_spec_field_with_its_description():
@@ -51,7 +53,7 @@ def test_schema_and_model_have_the_same_fields():
 
     spec = crd_schema()["properties"]["spec"]
     assert set(spec["properties"]) == fields(EmbeddingFinetuneSpec)
-    for name, info in EmbeddingFinetuneSpec.model_fields.items():
+    for info in EmbeddingFinetuneSpec.model_fields.values():
         assert set(spec["properties"][info.alias]["properties"]) == fields(info.annotation), info.alias
 
 
@@ -63,7 +65,11 @@ def test_required_fields_enums_and_ranges_come_from_the_model():
     assert spec["properties"]["model"]["properties"]["pooling"]["enum"] == ["cls", "mean", "lastToken"]
     held_out = spec["properties"]["data"]["properties"]["heldOutFraction"]
     assert (held_out["minimum"], held_out["exclusiveMinimum"], held_out["maximum"], held_out["exclusiveMaximum"]) == (
-        0, True, 1, True)
+        0,
+        True,
+        1,
+        True,
+    )
     assert spec["properties"]["runPolicy"]["properties"]["maxRestarts"]["default"] == 3
 
 
@@ -76,9 +82,12 @@ def test_status_subresource_short_name_and_printer_columns():
 
 def test_cross_field_rules_are_cel_validations():
     spec = crd_schema()["properties"]["spec"]
-    assert spec["x-kubernetes-validations"][0]["rule"].endswith("(has(self.data.heldOutFraction) != has(self.data.eval))")
+    assert spec["x-kubernetes-validations"][0]["rule"].endswith(
+        "(has(self.data.heldOutFraction) != has(self.data.eval))"
+    )
     assert {rule["message"] for rule in spec["properties"]["storage"]["x-kubernetes-validations"]} == {
-        "uri: must be an s3:// URI; pods share nothing else"}
+        "uri: must be an s3:// URI; pods share nothing else"
+    }
 
 
 def test_schema_is_structural():
@@ -88,8 +97,7 @@ def test_schema_is_structural():
         assert word not in text
 
 
-@pytest.mark.parametrize("manifest", [*example_manifests(), minimal_manifest()],
-                         ids=lambda m: m["metadata"]["name"])
+@pytest.mark.parametrize("manifest", [*example_manifests(), minimal_manifest()], ids=lambda m: m["metadata"]["name"])
 def test_examples_validate_against_the_crd_schema(manifest):
     assert schema_errors(manifest) == []
 
@@ -104,20 +112,23 @@ def broken(path: str, value):
     return manifest
 
 
-@pytest.mark.parametrize(("manifest", "where"), [
-    (broken("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
-    (broken("spec.resources.nodes", "two"), "spec.resources.nodes"),
-    (broken("spec.model.pooling", "max"), "spec.model.pooling"),
-    (broken("spec.data.heldOutFraction", 1.0), "spec.data.heldOutFraction"),
-    (broken("spec.training.learningRate", 0), "spec.training.learningRate"),
-    (broken("spec.training.deepspeed", {"zeroStage": 4}), "spec.training.deepspeed.zeroStage"),
-    (broken("spec.runPolicy.maxRestarts", -1), "spec.runPolicy.maxRestarts"),
-    (broken("spec.evaluation.kValues", []), "spec.evaluation.kValues"),
-    (broken("spec.resources.memory", "a lot"), "spec.resources.memory"),
-    (broken("spec.resources.tolerations", [{"effect": "Sometimes"}]), "spec.resources.tolerations.0.effect"),
-    ({k: v for k, v in minimal_manifest().items() if k != "spec"}, ""),
-    (broken("spec.storage", {"endpoint": "http://minio"}), "spec.storage"),
-])
+@pytest.mark.parametrize(
+    ("manifest", "where"),
+    [
+        (broken("spec.resources.gpusPerNode", -1), "spec.resources.gpusPerNode"),
+        (broken("spec.resources.nodes", "two"), "spec.resources.nodes"),
+        (broken("spec.model.pooling", "max"), "spec.model.pooling"),
+        (broken("spec.data.heldOutFraction", 1.0), "spec.data.heldOutFraction"),
+        (broken("spec.training.learningRate", 0), "spec.training.learningRate"),
+        (broken("spec.training.deepspeed", {"zeroStage": 4}), "spec.training.deepspeed.zeroStage"),
+        (broken("spec.runPolicy.maxRestarts", -1), "spec.runPolicy.maxRestarts"),
+        (broken("spec.evaluation.kValues", []), "spec.evaluation.kValues"),
+        (broken("spec.resources.memory", "a lot"), "spec.resources.memory"),
+        (broken("spec.resources.tolerations", [{"effect": "Sometimes"}]), "spec.resources.tolerations.0.effect"),
+        ({k: v for k, v in minimal_manifest().items() if k != "spec"}, ""),
+        (broken("spec.storage", {"endpoint": "http://minio"}), "spec.storage"),
+    ],
+)
 def test_broken_manifests_fail_the_schema(manifest, where):
     errors = schema_errors(manifest)
     assert any(error.startswith(f"{where}:") for error in errors), errors
@@ -126,6 +137,7 @@ def test_broken_manifests_fail_the_schema(manifest, where):
 def failed_cel_rules(manifest) -> list[str]:
     """The messages of the CRD's CEL rules that `manifest` breaks, evaluated as the API server
     does: each rule on its object when that object is present (k8s' `split` added)."""
+
     def split(text, separator):
         return celtypes.ListType([celtypes.StringType(part) for part in str(text).split(str(separator))])
 
@@ -152,18 +164,28 @@ def test_examples_pass_the_cel_rules(manifest):
     assert failed_cel_rules(manifest) == []
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"storage": {"uri": "/tmp/models"}}, "uri: must be an s3:// URI; pods share nothing else"),
-    ({"data": {"train": ["s3://d/t.jsonl"]}},
-     "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled"),
-    ({"data": {"train": ["s3://d/t.jsonl"], "heldOutFraction": 0.1, "eval": "s3://d/e"}},
-     "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled"),
-    ({"data": {"heldOutFraction": 0.1}}, "set exactly one of `train` or `huggingFace`"),
-    ({"data": {"train": ["local.jsonl"], "heldOutFraction": 0.1}}, "train: every entry must be an s3:// URI on a cluster"),
-    ({"data": {"train": ["s3://d/t.jsonl"], "eval": "file:///e"}}, "eval: must be an s3:// URI on a cluster"),
-    ({"evaluation": {"gate": {"metric": "ndcg@5"}}}, "gate.metric: k must be one of kValues"),
-    ({"evaluation": {"kValues": [5], "gate": {"metric": "recall@10"}}}, "gate.metric: k must be one of kValues"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"storage": {"uri": "/tmp/models"}}, "uri: must be an s3:// URI; pods share nothing else"),
+        (
+            {"data": {"train": ["s3://d/t.jsonl"]}},
+            "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled",
+        ),
+        (
+            {"data": {"train": ["s3://d/t.jsonl"], "heldOutFraction": 0.1, "eval": "s3://d/e"}},
+            "data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled",
+        ),
+        ({"data": {"heldOutFraction": 0.1}}, "set exactly one of `train` or `huggingFace`"),
+        (
+            {"data": {"train": ["local.jsonl"], "heldOutFraction": 0.1}},
+            "train: every entry must be an s3:// URI on a cluster",
+        ),
+        ({"data": {"train": ["s3://d/t.jsonl"], "eval": "file:///e"}}, "eval: must be an s3:// URI on a cluster"),
+        ({"evaluation": {"gate": {"metric": "ndcg@5"}}}, "gate.metric: k must be one of kValues"),
+        ({"evaluation": {"kValues": [5], "gate": {"metric": "recall@10"}}}, "gate.metric: k must be one of kValues"),
+    ],
+)
 def test_cel_rules_refuse_what_the_operator_refuses(overrides, message):
     manifest = minimal_manifest(**copy.deepcopy(overrides))
     assert failed_cel_rules(manifest) == [message]

@@ -26,15 +26,28 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     await cluster.eventually(lambda: cluster.get(JOBS, "happy-train-1-1"), what="training job")
     status = await cluster.phase_becomes("happy", "Pending")
     assert status["runId"] == "1" and status["training"]["job"] == "happy-train-1-1"
-    kinds = {(obj["kind"], obj["metadata"]["name"]) for resource in (
-        "v1/services", "v1/configmaps", "v1/serviceaccounts", "rbac.authorization.k8s.io/v1/roles",
-        "rbac.authorization.k8s.io/v1/rolebindings") for obj in cluster.objects(resource)}
-    assert kinds == {("Service", "happy-train"), ("ConfigMap", "happy-config-1"),
-                     ("ServiceAccount", "happy-embedtune"), ("Role", "happy-embedtune"),
-                     ("RoleBinding", "happy-embedtune")}
+    kinds = {
+        (obj["kind"], obj["metadata"]["name"])
+        for resource in (
+            "v1/services",
+            "v1/configmaps",
+            "v1/serviceaccounts",
+            "rbac.authorization.k8s.io/v1/roles",
+            "rbac.authorization.k8s.io/v1/rolebindings",
+        )
+        for obj in cluster.objects(resource)
+    }
+    assert kinds == {
+        ("Service", "happy-train"),
+        ("ConfigMap", "happy-config-1"),
+        ("ServiceAccount", "happy-embedtune"),
+        ("Role", "happy-embedtune"),
+        ("RoleBinding", "happy-embedtune"),
+    }
     # kopf's bookkeeping is under our own prefix.
     annotations = await cluster.eventually(
-        lambda: cluster.get(FINETUNES, "happy")["metadata"].get("annotations"), what="kopf's annotations")
+        lambda: cluster.get(FINETUNES, "happy")["metadata"].get("annotations"), what="kopf's annotations"
+    )
     assert all(key.startswith("embedtune.io/") for key in annotations), annotations
     assert cluster.get(FINETUNES, "happy")["metadata"]["finalizers"] == ["embedtune.io/finalizer"]
     owner = cluster.get(FINETUNES, "happy")["metadata"]["uid"]
@@ -70,8 +83,9 @@ async def test_infrastructure_failure_is_retried_from_the_checkpoint(cluster, op
     await cluster.apply(minimal_manifest("flaky", evaluation={"enabled": False}, runPolicy={"maxRestarts": 2}))
     await cluster.eventually(lambda: cluster.get(JOBS, "flaky-train-1-1"), what="first attempt")
     await cluster.job_running("flaky-train-1-1")
-    await cluster.patch_status(FINETUNES, "flaky", {"checkpoint": {"step": 500, "uri": "s3://x/checkpoint-500",
-                                                                   "runId": "1"}})
+    await cluster.patch_status(
+        FINETUNES, "flaky", {"checkpoint": {"step": 500, "uri": "s3://x/checkpoint-500", "runId": "1"}}
+    )
     await cluster.job_failed("flaky-train-1-1", exit_code=137, reason="OOMKilled")
     await cluster.eventually(lambda: cluster.get(JOBS, "flaky-train-1-2"), what="second attempt")
     status = await cluster.phase_becomes("flaky", "Pending")
@@ -161,8 +175,12 @@ async def test_delete_removes_the_children(cluster, operator):
     await cluster.apply(minimal_manifest("gone"))
     await cluster.eventually(lambda: cluster.get(JOBS, "gone-train-1-1"), what="training job")
     await cluster.delete("gone")
-    await cluster.eventually(lambda: not cluster.objects(JOBS) and not cluster.objects("v1/configmaps")
-                             and not cluster.objects("v1/services"), what="children gone")
+    await cluster.eventually(
+        lambda: (
+            not cluster.objects(JOBS) and not cluster.objects("v1/configmaps") and not cluster.objects("v1/services")
+        ),
+        what="children gone",
+    )
     assert cluster.get(FINETUNES, "gone") is None
 
 
@@ -214,8 +232,9 @@ async def test_evaluation_input_error_fails_the_run(cluster, operator):
     await cluster.apply(minimal_manifest("noeval"))
     await train_to_success(cluster, "noeval-train-1-1")
     await cluster.eventually(lambda: cluster.get(JOBS, "noeval-eval-1-1"), what="evaluation job")
-    await cluster.job_failed("noeval-eval-1-1", exit_code=2,
-                             message='{"reason": "InvalidEvalSet", "message": "qrels.jsonl: missing"}')
+    await cluster.job_failed(
+        "noeval-eval-1-1", exit_code=2, message='{"reason": "InvalidEvalSet", "message": "qrels.jsonl: missing"}'
+    )
     status = await cluster.phase_becomes("noeval", "Failed")
     assert status["reason"] == "EvaluationFailed" and "qrels.jsonl: missing" in status["message"]
 

@@ -21,14 +21,22 @@ def finetune(generation=1, status=None, **spec):
 
 def finished_run(run_id: str, history_limit: int, history: list) -> dict:
     spec = parse_finetune(finetune(runPolicy={"historyLimit": history_limit}))
-    return {"phase": "Succeeded", "runId": run_id, "specFingerprint": "old-" + spec.run_fingerprint(),
-            "startTime": timestamp(NOW), "training": {"attempt": 1, "restarts": 0},
-            "model": {"uri": f"s3://m/run-{run_id}/model"}, "history": history}
+    return {
+        "phase": "Succeeded",
+        "runId": run_id,
+        "specFingerprint": "old-" + spec.run_fingerprint(),
+        "startTime": timestamp(NOW),
+        "training": {"attempt": 1, "restarts": 0},
+        "model": {"uri": f"s3://m/run-{run_id}/model"},
+        "history": history,
+    }
 
 
 def test_history_is_bounded_newest_first():
     history = [{"runId": str(run)} for run in (3, 2, 1)]
-    plan = plan_reconcile(finetune(5, finished_run("4", 2, history), runPolicy={"historyLimit": 2}), [], [], DEFAULTS, NOW)
+    plan = plan_reconcile(
+        finetune(5, finished_run("4", 2, history), runPolicy={"historyLimit": 2}), [], [], DEFAULTS, NOW
+    )
     assert [entry["runId"] for entry in plan.status["history"]] == ["4", "3"]
     assert plan.status["history"][0]["model"] == {"uri": "s3://m/run-4/model"}
     assert plan.status["runId"] == "5"
@@ -37,7 +45,13 @@ def test_history_is_bounded_newest_first():
 def test_first_reconcile_plans_the_run_objects_in_dependency_order():
     plan = plan_reconcile(finetune(), [], [], DEFAULTS, NOW)
     assert [obj["kind"] for obj in plan.create] == [
-        "ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ConfigMap",
+        "Job",
+    ]
     assert [event.reason.value for event in plan.events] == ["NewRun", "JobCreated"]
     assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 1
 
@@ -60,12 +74,22 @@ def test_conditions_keep_their_transition_time_while_unchanged():
 def test_an_attempt_gets_what_is_left_of_the_runs_deadline():
     first = plan_reconcile(finetune(runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS, NOW)
     status = first.status | {"training": {"attempt": 2, "restarts": 1}}
-    later = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS,
-                           NOW + datetime.timedelta(seconds=200))
+    later = plan_reconcile(
+        finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}),
+        [],
+        [],
+        DEFAULTS,
+        NOW + datetime.timedelta(seconds=200),
+    )
     [job] = [obj for obj in later.create if obj["kind"] == "Job"]
     assert job["metadata"]["name"] == "t-train-1-2" and job["spec"]["activeDeadlineSeconds"] == 400
-    expired = plan_reconcile(finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}), [], [], DEFAULTS,
-                             NOW + datetime.timedelta(seconds=601))
+    expired = plan_reconcile(
+        finetune(status=status, runPolicy={"activeDeadlineSeconds": 600}),
+        [],
+        [],
+        DEFAULTS,
+        NOW + datetime.timedelta(seconds=601),
+    )
     assert expired.create == [] and expired.status["reason"] == "DeadlineExceeded"
 
 
@@ -81,8 +105,10 @@ def test_resuming_after_training_finished_goes_on_to_evaluate():
 
 def test_reports_of_a_replaced_run_are_dropped():
     first = plan_reconcile(finetune(2), [], [], DEFAULTS, NOW)
-    late_reports = {"training": first.status["training"] | {"step": 900, "runId": "1"},
-                    "checkpoint": {"step": 900, "uri": "s3://m/run-1/checkpoints/checkpoint-900", "runId": "1"}}
+    late_reports = {
+        "training": first.status["training"] | {"step": 900, "runId": "1"},
+        "checkpoint": {"step": 900, "uri": "s3://m/run-1/checkpoints/checkpoint-900", "runId": "1"},
+    }
     plan = plan_reconcile(finetune(2, status=first.status | late_reports), [], [], DEFAULTS, NOW)
     assert plan.status["training"]["step"] is None and plan.status["checkpoint"] is None
     current = {"training": first.status["training"] | {"step": 10, "runId": "2"}}
@@ -94,8 +120,11 @@ def created(plan, kind: str) -> dict:
 
 
 def secret_names(container: dict) -> set[str]:
-    return {env["valueFrom"]["secretKeyRef"]["name"] for env in container["env"]
-            if "secretKeyRef" in env.get("valueFrom", {})}
+    return {
+        env["valueFrom"]["secretKeyRef"]["name"]
+        for env in container["env"]
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
 
 
 def test_cluster_defaults_fill_what_the_resource_leaves_unset():

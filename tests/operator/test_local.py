@@ -26,19 +26,37 @@ def write_manifest(folder: Path, tiny_model: Path, *, storage: dict | None = Non
     """A manifest with paths relative to its own folder, as users write them."""
     write_jsonl(folder / "data" / "train.jsonl", synthetic_records(300, negatives=0))
     spec = {
-        "model": {"base": os.path.relpath(tiny_model, folder), "pooling": "mean", "queryMaxLength": 16,
-                  "passageMaxLength": 16},
+        "model": {
+            "base": os.path.relpath(tiny_model, folder),
+            "pooling": "mean",
+            "queryMaxLength": 16,
+            "passageMaxLength": 16,
+        },
         "data": {"train": ["data/train.jsonl"], "heldOutFraction": 0.1},
-        "training": {"maxSteps": 30, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4,
-                     "precision": "fp32", "loggingSteps": 5},
+        "training": {
+            "maxSteps": 30,
+            "batchSizePerDevice": 8,
+            "groupSize": 4,
+            "learningRate": 5e-4,
+            "precision": "fp32",
+            "loggingSteps": 5,
+        },
         "checkpoint": {"everySteps": 10, "keep": 2},
         "evaluation": {"kValues": [1, 10]},
     } | sections
     if storage is not None:
         spec["storage"] = storage
     path = folder / "finetune.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "embedtune.io/v1alpha1", "kind": "EmbeddingFinetune",
-                                    "metadata": {"name": "tiny"}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "embedtune.io/v1alpha1",
+                "kind": "EmbeddingFinetune",
+                "metadata": {"name": "tiny"},
+                "spec": spec,
+            }
+        )
+    )
     return path
 
 
@@ -47,23 +65,33 @@ def run_command(manifest: Path, *extra: str) -> list[str]:
 
 
 def embedtune_run(manifest: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(run_command(manifest, *extra), cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        run_command(manifest, *extra),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
 
 
 def final_status(result: subprocess.CompletedProcess) -> dict:
-    return yaml.safe_load(result.stdout[result.stdout.index("status:"):])["status"]
+    return yaml.safe_load(result.stdout[result.stdout.index("status:") :])["status"]
 
 
-def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny_model, tmp_path, s3_bucket,
-                                                                           s3_endpoint):
+def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
+    tiny_model, tmp_path, s3_bucket, s3_endpoint
+):
     manifest = write_manifest(tmp_path, tiny_model, storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint})
     result = embedtune_run(manifest, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     status = final_status(result)
     assert status["phase"] == "Succeeded" and status["runId"] == "1" and status["observedGeneration"] == 1
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Ready": "True", "Reconciling": "False", "Stalled": "False"}
+        "Ready": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
     assert status["training"]["step"] == 30 and status["training"]["totalSteps"] == 30
     assert status["checkpoint"]["step"] == 30
     assert status["model"]["uri"] == f"{s3_bucket}/runs/{RUN.model_prefix}"
@@ -72,12 +100,18 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny
     stored_metrics = json.loads(storage.read_bytes(f"{RUN.run_prefix}/metrics.json"))
     assert status["metrics"]["finetuned"] == stored_metrics["finetuned"]
     assert status["metrics"]["delta"]["ndcg@10"] == pytest.approx(
-        stored_metrics["finetuned"]["ndcg@10"] - stored_metrics["baseline"]["ndcg@10"])
+        stored_metrics["finetuned"]["ndcg@10"] - stored_metrics["baseline"]["ndcg@10"]
+    )
     # the table: one row per metric, baseline / fine-tuned / delta
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("ndcg@10 "))
     assert [float(cell) for cell in row[1:]] == pytest.approx(
-        [stored_metrics["baseline"]["ndcg@10"], stored_metrics["finetuned"]["ndcg@10"],
-         stored_metrics["delta"]["ndcg@10"]], abs=1e-4)
+        [
+            stored_metrics["baseline"]["ndcg@10"],
+            stored_metrics["finetuned"]["ndcg@10"],
+            stored_metrics["delta"]["ndcg@10"],
+        ],
+        abs=1e-4,
+    )
     # what the jobs print goes to stderr: stdout is exactly the result
     assert '"model":' not in result.stdout
     stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))
@@ -90,8 +124,12 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny
 
     # a changed spec is a new generation: a new run, the old one kept in the history; a quality
     # gate no model can pass fails it
-    changed = write_manifest(tmp_path, tiny_model, storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint},
-                             evaluation={"kValues": [1, 10], "gate": {"metric": "ndcg@10", "minImprovement": 2}})
+    changed = write_manifest(
+        tmp_path,
+        tiny_model,
+        storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint},
+        evaluation={"kValues": [1, 10], "gate": {"metric": "ndcg@10", "minImprovement": 2}},
+    )
     gated = embedtune_run(changed, tmp_path)
     assert gated.returncode == 1, gated.stderr[-4000:]
     status = final_status(gated)
@@ -101,14 +139,22 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(tiny
 
 
 def test_ctrl_c_leaves_a_checkpoint_and_the_same_command_resumes(tiny_model, tmp_path):
-    manifest = write_manifest(tmp_path, tiny_model, training={
-        "maxSteps": 300, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4, "precision": "fp32"},
-        checkpoint={"everySteps": 1000, "keep": 2})
+    manifest = write_manifest(
+        tmp_path,
+        tiny_model,
+        training={"maxSteps": 300, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4, "precision": "fp32"},
+        checkpoint={"everySteps": 1000, "keep": 2},
+    )
     log_path = tmp_path / "interrupted.log"
     with open(log_path, "w") as log:
         # a session of its own: Ctrl-C in a terminal signals the whole foreground process group
-        process = subprocess.Popen(run_command(manifest, "--work-dir", str(tmp_path / "work")),
-                                   cwd=tmp_path, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(
+            run_command(manifest, "--work-dir", str(tmp_path / "work")),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     wait_for_training_step(tmp_path / "work" / "tiny-train-1-1" / "progress.json", 3, process, log_path)
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) == 130, log_path.read_text()[-4000:]
@@ -141,22 +187,35 @@ def test_invalid_data_stops_before_anything_runs_with_every_problem_listed(tiny_
 
 
 def test_an_invalid_manifest_lists_every_problem(tmp_path, tiny_model):
-    manifest = write_manifest(tmp_path, tiny_model, training={"learningRate": -1, "groupSize": 0},
-                              evaluation={"kValues": [1], "gate": {"metric": "ndcg@10"}})
+    manifest = write_manifest(
+        tmp_path,
+        tiny_model,
+        training={"learningRate": -1, "groupSize": 0},
+        evaluation={"kValues": [1], "gate": {"metric": "ndcg@10"}},
+    )
     result = embedtune_run(manifest, tmp_path)
     assert result.returncode == 2
-    for problem in ("spec.training.learningRate: Input should be greater than 0",
-                    "spec.training.groupSize: Input should be greater than or equal to 1"):
+    for problem in (
+        "spec.training.learningRate: Input should be greater than 0",
+        "spec.training.groupSize: Input should be greater than or equal to 1",
+    ):
         assert problem in result.stderr
     assert not (tmp_path / "embedtune-runs").exists()
 
 
 def test_relative_paths_are_relative_to_the_manifest_and_storage_defaults(tmp_path):
     (tmp_path / "models" / "mine").mkdir(parents=True)
-    manifest = {"metadata": {"name": "x"}, "spec": {
-        "model": {"base": "models/mine"},
-        "data": {"train": ["data/a.jsonl", "s3://b/train.jsonl"], "eval": "eval",
-                 "hardNegatives": {"mine": True, "candidates": "pool.jsonl"}}}}
+    manifest = {
+        "metadata": {"name": "x"},
+        "spec": {
+            "model": {"base": "models/mine"},
+            "data": {
+                "train": ["data/a.jsonl", "s3://b/train.jsonl"],
+                "eval": "eval",
+                "hardNegatives": {"mine": True, "candidates": "pool.jsonl"},
+            },
+        },
+    }
     local = localize(manifest, tmp_path, "/runs")
     assert local["metadata"]["namespace"] == "default"
     assert local["spec"]["model"]["base"] == str(tmp_path / "models" / "mine")
@@ -176,13 +235,16 @@ def test_status_patches_merge_as_the_api_server_merges_them():
     assert status["training"] == {"step": 5, "loss": 1.0}
 
 
-@pytest.mark.parametrize("change,generation,new_run", [
-    ({}, 1, False),                                         # the same spec: resume or report run 1
-    ({"training": {"maxSteps": 31}}, 2, False),             # a changed spec: the planner decides
-    ({"runPolicy": {"maxRestarts": 5}}, 2, False),          # (a new run, or not for runPolicy)
-    ({"--new-run": True}, 2, True),
-    ({"failed": True}, 2, True),                            # running again after a failure
-])
+@pytest.mark.parametrize(
+    "change,generation,new_run",
+    [
+        ({}, 1, False),  # the same spec: resume or report run 1
+        ({"training": {"maxSteps": 31}}, 2, False),  # a changed spec: the planner decides
+        ({"runPolicy": {"maxRestarts": 5}}, 2, False),  # (a new run, or not for runPolicy)
+        ({"--new-run": True}, 2, True),
+        ({"failed": True}, 2, True),  # running again after a failure
+    ],
+)
 def test_a_stored_resource_is_a_new_generation_when_its_spec_changes(tmp_path, change, generation, new_run):
     from embedtune.operator.local import LocalOptions, LocalRun
     from embedtune.operator.spec import parse_finetune
@@ -191,12 +253,19 @@ def test_a_stored_resource_is_a_new_generation_when_its_spec_changes(tmp_path, c
         manifest = localize(manifest, tmp_path, str(tmp_path / "store"))
         return LocalRun(manifest, parse_finetune(manifest, on_cluster=False), options, tmp_path)
 
-    manifest = {"apiVersion": "embedtune.io/v1alpha1", "kind": "EmbeddingFinetune", "metadata": {"name": "tiny"},
-                "spec": {"model": {"base": "m"}, "data": {"train": ["t.jsonl"], "heldOutFraction": 0.1}}}
+    manifest = {
+        "apiVersion": "embedtune.io/v1alpha1",
+        "kind": "EmbeddingFinetune",
+        "metadata": {"name": "tiny"},
+        "spec": {"model": {"base": "m"}, "data": {"train": ["t.jsonl"], "heldOutFraction": 0.1}},
+    }
     first = local_run(manifest, LocalOptions(str(tmp_path / "store")))
     first.load()
-    first.resource["status"] = {"phase": "Failed" if change.get("failed") else "Succeeded",
-                                "specFingerprint": "abc", "runId": "1"}
+    first.resource["status"] = {
+        "phase": "Failed" if change.get("failed") else "Succeeded",
+        "specFingerprint": "abc",
+        "runId": "1",
+    }
     first.save()
     changed = json.loads(json.dumps(manifest))
     changed["spec"] |= {k: v for k, v in change.items() if k in ("training", "runPolicy")}

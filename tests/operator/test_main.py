@@ -31,8 +31,9 @@ def free_port() -> int:
 
 
 async def run(*command: str) -> str:
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     output, errors = await process.communicate()
     assert process.returncode == 0, errors.decode()
     return output.decode()
@@ -48,9 +49,22 @@ async def http_get(url: str) -> tuple[int, str]:
 async def operator_process(cluster):
     liveness, metrics = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "embedtune.operator.cli", "operator", "--namespace", "ml",
-        "--liveness-port", str(liveness), "--metrics-port", str(metrics), "--trainer-image", "registry.test/t:1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=os.environ.copy())
+        sys.executable,
+        "-m",
+        "embedtune.operator.cli",
+        "operator",
+        "--namespace",
+        "ml",
+        "--liveness-port",
+        str(liveness),
+        "--metrics-port",
+        str(metrics),
+        "--trainer-image",
+        "registry.test/t:1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
     yield liveness, metrics
     if process.returncode is None:
         process.terminate()
@@ -71,8 +85,9 @@ async def test_kubectl_applied_example_becomes_a_training_job(cluster, operator_
     assert 'embedtune_runs{phase="Pending"} 1.0' in text
     # The CRD's printer columns, as kubectl evaluates their JSONPaths.
     await ml.patch_status(FINETUNES, "finance-bge", {"metrics": {"finetuned": {"ndcg@10": 0.61}}})
-    columns = ",".join(f"{c['name']}:{c['jsonPath']}" for c in build_crd()["spec"]["versions"][0][
-        "additionalPrinterColumns"])
+    columns = ",".join(
+        f"{c['name']}:{c['jsonPath']}" for c in build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    )
     printed = await run(KUBECTL, "get", "eft", "-n", "ml", "-o", f"custom-columns={columns}")
     print(printed)
     header, row = printed.splitlines()

@@ -19,8 +19,9 @@ def finetune(name, phase=None, since=None):
 
 def test_time_in_a_phase_is_observed_when_the_run_leaves_it():
     before = sample("embedtune_phase_duration_seconds_sum", phase="Training")
-    metrics.observe_plan(finetune("a", "Training", NOW - datetime.timedelta(seconds=90)),
-                         Plan(status={"phase": "Evaluating"}), NOW)
+    metrics.observe_plan(
+        finetune("a", "Training", NOW - datetime.timedelta(seconds=90)), Plan(status={"phase": "Evaluating"}), NOW
+    )
     assert sample("embedtune_phase_duration_seconds_sum", phase="Training") - before == 90
 
 

@@ -40,8 +40,12 @@ def rule_triples(rules) -> set[tuple[str, str, str]]:
     triples = set()
     for rule in rules:
         rule = rule if isinstance(rule, dict) else rule.as_rbac()
-        triples |= {(group, resource, verb) for group in rule["apiGroups"]
-                    for resource in rule["resources"] for verb in rule["verbs"]}
+        triples |= {
+            (group, resource, verb)
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
     return triples
 
 
@@ -58,7 +62,9 @@ def request_triple(method: str, path: str, query: dict[str, str]) -> tuple[bool,
     named = len(rest) > 1
     verb = {
         "GET": "get" if named else ("watch" if query.get("watch") in ("true", "1") else "list"),
-        "POST": "create", "PATCH": "patch", "PUT": "update",
+        "POST": "create",
+        "PATCH": "patch",
+        "PUT": "update",
         "DELETE": "delete" if named else "deletecollection",
     }[method]
     return namespaced, (group, resource, verb)
@@ -68,7 +74,9 @@ def test_request_triples_name_scope_resource_and_verb():
     assert request_triple("GET", "/apis/batch/v1/jobs", {"watch": "true"}) == (False, ("batch", "jobs", "watch"))
     assert request_triple("GET", "/api/v1/namespaces", {}) == (False, ("", "namespaces", "list"))
     assert request_triple("PATCH", "/apis/embedtune.io/v1alpha1/namespaces/ml/embeddingfinetunes/a/status", {}) == (
-        True, ("embedtune.io", "embeddingfinetunes/status", "patch"))
+        True,
+        ("embedtune.io", "embeddingfinetunes/status", "patch"),
+    )
     assert request_triple("POST", "/api/v1/namespaces/ml/events", {}) == (True, ("", "events", "create"))
     assert request_triple("GET", "/apis/batch/v1", {}) is None
     assert request_triple("GET", "/apis", {}) is None
@@ -102,8 +110,11 @@ async def test_the_operator_uses_exactly_the_declared_rules(cluster, mode):
     if peering:
         for crd in yaml.safe_load_all(PEERING_CRDS.read_text()):
             await cluster.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
-        await cluster.request("POST", "/apis/kopf.dev/v1/namespaces/default/kopfpeerings",
-                              {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING_NAME}})
+        await cluster.request(
+            "POST",
+            "/apis/kopf.dev/v1/namespaces/default/kopfpeerings",
+            {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING_NAME}},
+        )
     runner = KopfRunner(["run", *kopf_args, "-m", "embedtune.operator.handlers"], timeout=30)
     await asyncio.to_thread(runner.__enter__)
     try:
@@ -112,12 +123,18 @@ async def test_the_operator_uses_exactly_the_declared_rules(cluster, mode):
         await asyncio.to_thread(runner.__exit__, None, None, None)
     assert runner.exception is None, runner.output
 
-    requests = {request_triple(method, path, query) for method, path, query, agent in cluster.emulator.request_log
-                if agent.startswith(OPERATOR_USER_AGENTS)} - {None}
+    requests = {
+        request_triple(method, path, query)
+        for method, path, query, agent in cluster.emulator.request_log
+        if agent.startswith(OPERATOR_USER_AGENTS)
+    } - {None}
     in_namespaces, cluster_wide = operator_rules(clusterwide=clusterwide, peering=peering)
     held_in_namespaces, held_cluster_wide = rule_triples(in_namespaces), rule_triples(cluster_wide)
-    refused = {(namespaced, triple) for namespaced, triple in requests
-               if triple not in held_cluster_wide and not (namespaced and triple in held_in_namespaces)}
+    refused = {
+        (namespaced, triple)
+        for namespaced, triple in requests
+        if triple not in held_cluster_wide and not (namespaced and triple in held_in_namespaces)
+    }
     assert not refused, f"requests the declared rules do not allow: {sorted(refused)}"
     used = {triple for _, triple in requests}
     granted_to_job_pods = rule_triples(build_status_role("default", "rbac")["rules"])

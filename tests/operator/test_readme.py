@@ -49,8 +49,12 @@ def test_every_readme_command_is_run_by_ci_or_by_this_file():
     ci_lines = {line.strip() for line in CI_SCRIPT.read_text().splitlines()}
     for command in readme_commands():
         words = shlex.split(command)
-        known = (command in ci_lines or words[0] == "kubectl" or words[:2] == ["helm", "install"]
-                 or (words[0] == "embedtune" and words[1] in DOCUMENTED_EMBEDTUNE_COMMANDS))
+        known = (
+            command in ci_lines
+            or words[0] == "kubectl"
+            or words[:2] == ["helm", "install"]
+            or (words[0] == "embedtune" and words[1] in DOCUMENTED_EMBEDTUNE_COMMANDS)
+        )
         assert known, f"README command run by neither CI nor the tests: {command}"
 
 
@@ -62,8 +66,9 @@ async def kubectl(command: str, cluster: Cluster) -> str:
         # kubectl sends built-in kinds as protobuf, which the emulator cannot read: kubectl
         # builds the object, the test posts it as JSON
         words += ["--dry-run=client", "-o", "json"]
-    process = await asyncio.create_subprocess_exec(KUBECTL, *words, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        KUBECTL, *words, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     output, errors = await process.communicate()
     assert process.returncode == 0, f"{command}: {errors.decode()}"
     if words[0] == "create":
@@ -89,8 +94,11 @@ async def test_readme_kubectl_commands_against_the_operator(cluster, operator):
             await ml.job_succeeded(train[0])
             evaluation = await ml.eventually(lambda: [j for j in ml.job_names() if "-eval-" in j], 30, "eval job")
             name = evaluation[0].split("-eval-")[0]
-            await ml.patch_status("embedtune.io/v1alpha1/embeddingfinetunes", name, {"metrics": {
-                "baseline": {"ndcg@10": 0.5}, "finetuned": {"ndcg@10": 0.6}, "delta": {"ndcg@10": 0.1}}})
+            await ml.patch_status(
+                "embedtune.io/v1alpha1/embeddingfinetunes",
+                name,
+                {"metrics": {"baseline": {"ndcg@10": 0.5}, "finetuned": {"ndcg@10": 0.6}, "delta": {"ndcg@10": 0.1}}},
+            )
             await ml.job_succeeded(evaluation[0])
         outputs[command] = await kubectl(command, ml)
     assert any(job.startswith("finance-bge-train-") for job in ml.job_names())

@@ -54,12 +54,17 @@ def test_training_job_is_an_indexed_torchrun_job_with_one_pod_per_node():
     env = {item["name"]: item for item in container_of(job)["env"]}
     # Kubernetes expands $(VAR) in a command only for variables the container declares.
     assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
 
 
 def test_gpus_cpu_memory_and_shared_memory():
-    job = build_training_job(spec_of(resources={"nodes": 1, "gpusPerNode": 8, "cpu": "32", "memory": "200Gi",
-                                                "sharedMemory": "32Gi"}), RUN, 1, IMAGE)
+    job = build_training_job(
+        spec_of(resources={"nodes": 1, "gpusPerNode": 8, "cpu": "32", "memory": "200Gi", "sharedMemory": "32Gi"}),
+        RUN,
+        1,
+        IMAGE,
+    )
     resources = container_of(job)["resources"]
     assert resources["limits"] == {"nvidia.com/gpu": 8, "cpu": "32", "memory": "200Gi"}
     assert resources["requests"] == {"cpu": "32", "memory": "200Gi"}
@@ -81,11 +86,15 @@ def test_credentials_only_by_secret_reference():
 
 
 def test_without_a_secret_the_service_account_carries_the_identity():
-    spec = spec_of(storage={"uri": "s3://m"},
-                   resources={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"}})
+    spec = spec_of(
+        storage={"uri": "s3://m"},
+        resources={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"}},
+    )
     objects = {obj["kind"]: obj for obj in build_run_objects(spec, RUN, IMAGE)}
     assert not any(item["name"].startswith("AWS_") for item in container_of(objects["Job"])["env"])
-    assert objects["ServiceAccount"]["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"}
+    assert objects["ServiceAccount"]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"
+    }
     assert objects["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "tiny-embedtune"
 
 
@@ -93,14 +102,21 @@ def test_pods_run_as_non_root_without_privilege_escalation():
     for job in (build_training_job(spec_of(), RUN, 1, IMAGE), build_evaluation_job(spec_of(), RUN, IMAGE)):
         pod = job["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-        assert container_of(job)["securityContext"] == {"allowPrivilegeEscalation": False,
-                                                         "capabilities": {"drop": ["ALL"]}}
+        assert container_of(job)["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
 
 
 def test_scheduling_fields_pass_through():
-    spec = spec_of(resources={
-        "nodeSelector": {"pool": "h100"}, "priorityClassName": "training", "schedulerName": "volcano",
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    spec = spec_of(
+        resources={
+            "nodeSelector": {"pool": "h100"},
+            "priorityClassName": "training",
+            "schedulerName": "volcano",
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
     pod = build_training_job(spec, RUN, 1, IMAGE)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "h100"}
     assert pod["priorityClassName"] == "training" and pod["schedulerName"] == "volcano"
@@ -109,12 +125,20 @@ def test_scheduling_fields_pass_through():
 
 def test_labels_identify_resource_run_role_and_attempt():
     job = build_training_job(spec_of(), RUN, 2, IMAGE)
-    expected = {"app.kubernetes.io/managed-by": "embedtune", "embedtune.io/finetune": "tiny",
-                "embedtune.io/run-id": "3", "embedtune.io/role": "train", "embedtune.io/attempt": "2"}
+    expected = {
+        "app.kubernetes.io/managed-by": "embedtune",
+        "embedtune.io/finetune": "tiny",
+        "embedtune.io/run-id": "3",
+        "embedtune.io/role": "train",
+        "embedtune.io/attempt": "2",
+    }
     assert job["metadata"]["labels"] == expected
     assert job["spec"]["template"]["metadata"]["labels"] == expected
     assert build_service("ml", "tiny")["spec"]["selector"] == {
-        "app.kubernetes.io/managed-by": "embedtune", "embedtune.io/finetune": "tiny", "embedtune.io/role": "train"}
+        "app.kubernetes.io/managed-by": "embedtune",
+        "embedtune.io/finetune": "tiny",
+        "embedtune.io/role": "train",
+    }
 
 
 def test_deadline_is_set_on_the_job_when_given():
@@ -126,7 +150,11 @@ def test_trainer_config_is_a_valid_trainer_config_that_reports_status():
     objects = {obj["kind"]: obj for obj in build_run_objects(spec_of(), RUN, IMAGE)}
     config = TrainerConfig.model_validate(yaml.safe_load(objects["ConfigMap"]["data"]["trainer.yaml"]))
     assert (config.run.namespace, config.run.name, config.run.run_id, config.run.report_status) == (
-        "ml", "tiny", "3", True)
+        "ml",
+        "tiny",
+        "3",
+        True,
+    )
     assert config.work_dir == "/scratch"
     volumes = {v["name"]: v for v in objects["Job"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"] == "tiny-config-3"
@@ -135,39 +163,64 @@ def test_trainer_config_is_a_valid_trainer_config_that_reports_status():
 
 def test_role_may_patch_only_this_resources_status():
     objects = {obj["kind"]: obj for obj in build_run_objects(spec_of(), RUN, IMAGE)}
-    assert build_status_role("ml", "tiny")["rules"] == [{
-        "apiGroups": ["embedtune.io"], "resources": ["embeddingfinetunes/status"],
-        "resourceNames": ["tiny"], "verbs": ["get", "patch"]}]
+    assert build_status_role("ml", "tiny")["rules"] == [
+        {
+            "apiGroups": ["embedtune.io"],
+            "resources": ["embeddingfinetunes/status"],
+            "resourceNames": ["tiny"],
+            "verbs": ["get", "patch"],
+        }
+    ]
     binding = objects["RoleBinding"]
     assert binding["roleRef"]["name"] == objects["Role"]["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tiny-embedtune", "namespace": "ml"}]
 
 
 def test_evaluation_job_follows_the_contract():
-    job = build_evaluation_job(spec_of(storage={"uri": "s3://m/p", "endpoint": "http://minio:9000",
-                                                "region": "eu-1"}), RUN, IMAGE)
+    job = build_evaluation_job(
+        spec_of(storage={"uri": "s3://m/p", "endpoint": "http://minio:9000", "region": "eu-1"}), RUN, IMAGE
+    )
     assert job["metadata"]["name"] == "tiny-eval-3-1" and job["spec"]["backoffLimit"] == 0
     assert container_of(job)["command"] == [
-        "embedtune", "evaluate",
-        "--model", "s3://m/p/ml/tiny/run-3/model",
-        "--baseline", "BAAI/bge-small-en-v1.5",
-        "--eval-set", "s3://m/p/ml/tiny/run-3/eval",
-        "--k", "1,10,100",
-        "--output", "s3://m/p/ml/tiny/run-3/metrics.json",
-        "--patch-status", "ml/tiny",
-        "--pooling", "cls",
+        "embedtune",
+        "evaluate",
+        "--model",
+        "s3://m/p/ml/tiny/run-3/model",
+        "--baseline",
+        "BAAI/bge-small-en-v1.5",
+        "--eval-set",
+        "s3://m/p/ml/tiny/run-3/eval",
+        "--k",
+        "1,10,100",
+        "--output",
+        "s3://m/p/ml/tiny/run-3/metrics.json",
+        "--patch-status",
+        "ml/tiny",
+        "--pooling",
+        "cls",
         "--normalize",
-        "--query-max-length", "64",
-        "--passage-max-length", "256",
-        "--storage-endpoint", "http://minio:9000",
-        "--storage-region", "eu-1",
+        "--query-max-length",
+        "64",
+        "--passage-max-length",
+        "256",
+        "--storage-endpoint",
+        "http://minio:9000",
+        "--storage-region",
+        "eu-1",
     ]
     assert container_of(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 
 def test_the_baseline_is_encoded_as_the_model_was_trained():
-    model = {"base": "intfloat/e5-base-v2", "pooling": "mean", "normalize": False, "queryInstruction": "query: ",
-             "passageInstruction": "passage: ", "queryMaxLength": 32, "passageMaxLength": 128}
+    model = {
+        "base": "intfloat/e5-base-v2",
+        "pooling": "mean",
+        "normalize": False,
+        "queryInstruction": "query: ",
+        "passageInstruction": "passage: ",
+        "queryMaxLength": 32,
+        "passageMaxLength": 128,
+    }
     command = container_of(build_evaluation_job(spec_of(model=model), RUN, IMAGE))["command"]
     assert arg_after(command, "--baseline") == "intfloat/e5-base-v2"
     assert arg_after(command, "--pooling") == "mean" and "--no-normalize" in command

@@ -16,22 +16,36 @@ def test_examples_are_valid(manifest):
     parse_finetune(manifest)
 
 
-@pytest.mark.parametrize(("section", "value", "problem"), [
-    ("resources", {"gpusPerNode": -1}, "spec.resources.gpusPerNode: Input should be greater than or equal to 0"),
-    ("resources", {"nodes": 0}, "spec.resources.nodes: Input should be greater than or equal to 1"),
-    ("resources", {"memory": "lots"}, "spec.resources.memory: String should match pattern"),
-    ("resources", {"gpus": 8}, "spec.resources.gpus: unknown field"),
-    ("runPolicy", {"maxRestarts": -1}, "spec.runPolicy.maxRestarts: Input should be greater than or equal to 0"),
-    ("evaluation", {"kValues": [10, 0]}, "spec.evaluation.kValues.1: Input should be greater than or equal to 1"),
-    ("evaluation", {"gate": {"metric": "ndcg@5"}}, "spec.evaluation.gate.metric: k=5 must be one of evaluation.kValues"),
-    ("evaluation", {"gate": {"metric": "bleu@10"}}, "spec.evaluation.gate.metric: String should match pattern"),
-    ("storage", {"uri": "/tmp/models"}, "spec.storage.uri: must be an s3:// URI"),
-    ("data", {"train": "s3://d/t.jsonl"}, "spec.data: set exactly one of `heldOutFraction` or `eval`"),
-    ("data", {"train": "s3://d/t.jsonl", "heldOutFraction": 0.1, "eval": "s3://d/eval"},
-     "spec.data: set exactly one of `heldOutFraction` or `eval`"),
-    ("data", {"train": "train.jsonl", "eval": "s3://d/eval"}, "spec.data.train.0: must be an s3:// URI on a cluster"),
-    ("data", {"heldOutFraction": 0.1}, "spec.data: set exactly one of `train` or `huggingFace`"),
-])
+@pytest.mark.parametrize(
+    ("section", "value", "problem"),
+    [
+        ("resources", {"gpusPerNode": -1}, "spec.resources.gpusPerNode: Input should be greater than or equal to 0"),
+        ("resources", {"nodes": 0}, "spec.resources.nodes: Input should be greater than or equal to 1"),
+        ("resources", {"memory": "lots"}, "spec.resources.memory: String should match pattern"),
+        ("resources", {"gpus": 8}, "spec.resources.gpus: unknown field"),
+        ("runPolicy", {"maxRestarts": -1}, "spec.runPolicy.maxRestarts: Input should be greater than or equal to 0"),
+        ("evaluation", {"kValues": [10, 0]}, "spec.evaluation.kValues.1: Input should be greater than or equal to 1"),
+        (
+            "evaluation",
+            {"gate": {"metric": "ndcg@5"}},
+            "spec.evaluation.gate.metric: k=5 must be one of evaluation.kValues",
+        ),
+        ("evaluation", {"gate": {"metric": "bleu@10"}}, "spec.evaluation.gate.metric: String should match pattern"),
+        ("storage", {"uri": "/tmp/models"}, "spec.storage.uri: must be an s3:// URI"),
+        ("data", {"train": "s3://d/t.jsonl"}, "spec.data: set exactly one of `heldOutFraction` or `eval`"),
+        (
+            "data",
+            {"train": "s3://d/t.jsonl", "heldOutFraction": 0.1, "eval": "s3://d/eval"},
+            "spec.data: set exactly one of `heldOutFraction` or `eval`",
+        ),
+        (
+            "data",
+            {"train": "train.jsonl", "eval": "s3://d/eval"},
+            "spec.data.train.0: must be an s3:// URI on a cluster",
+        ),
+        ("data", {"heldOutFraction": 0.1}, "spec.data: set exactly one of `train` or `huggingFace`"),
+    ],
+)
 def test_each_problem_names_its_field(section, value, problem):
     problems = problems_of(minimal_manifest(**{section: value}))
     assert any(line.startswith(problem) for line in problems), problems
@@ -47,8 +61,13 @@ def test_every_problem_is_listed_at_once():
     manifest["apiVersion"] = "embedtune.io/v1"
     problems = problems_of(manifest)
     assert [line.split(":")[0] for line in problems] == [
-        "apiVersion", "metadata.name", "spec.training.learningRate", "spec.resources.nodes",
-        "spec.resources.gpusPerNode", "spec.runPolicy.maxRestarts"]
+        "apiVersion",
+        "metadata.name",
+        "spec.training.learningRate",
+        "spec.resources.nodes",
+        "spec.resources.gpusPerNode",
+        "spec.runPolicy.maxRestarts",
+    ]
 
 
 def test_long_names_are_refused_because_pod_hostnames_derive_from_them():

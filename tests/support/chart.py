@@ -27,8 +27,13 @@ def render_chart(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
     chart = helm_python.Chart.load(CHART)
     rendered = chart.render(values or {}, name=RELEASE, namespace=RELEASE_NAMESPACE, is_install=True)
-    return [obj for template, text in rendered.items() if not template.endswith("NOTES.txt")
-            for obj in yaml.safe_load_all(text) if obj]
+    return [
+        obj
+        for template, text in rendered.items()
+        if not template.endswith("NOTES.txt")
+        for obj in yaml.safe_load_all(text)
+        if obj
+    ]
 
 
 def objects_of(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

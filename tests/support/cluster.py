@@ -36,8 +36,9 @@ class Cluster:
 
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json"):
         async with aiohttp.ClientSession() as session:
-            async with session.request(method, self.url + path, json=body,
-                                       headers={"Content-Type": content_type}) as response:
+            async with session.request(
+                method, self.url + path, json=body, headers={"Content-Type": content_type}
+            ) as response:
                 payload = await response.json(content_type=None)
                 if response.status >= 400:
                     raise AssertionError(f"{method} {path}: {response.status} {payload}")
@@ -52,8 +53,9 @@ class Cluster:
     async def install_crd(self) -> None:
         import yaml
 
-        await self.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-                           yaml.safe_load(CRD_PATH.read_text()))
+        await self.request(
+            "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text())
+        )
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self.request("POST", self._path(FINETUNES), manifest)
@@ -65,16 +67,22 @@ class Cluster:
         await self.request("DELETE", self._path(FINETUNES, name))
 
     async def patch_status(self, resource: str, name: str, status: dict[str, Any]) -> None:
-        await self.request("PATCH", self._path(resource, name) + "/status", {"status": status},
-                           "application/merge-patch+json")
+        await self.request(
+            "PATCH", self._path(resource, name) + "/status", {"status": status}, "application/merge-patch+json"
+        )
 
     # -- reading the emulator's store -----------------------------------------------------
 
     def objects(self, resource: str) -> list[dict[str, Any]]:
         group_version, plural = resource.rsplit("/", 1)
-        return [obj.raw for (res, namespace, _), obj in self.emulator.objects.items()
-                if not obj.deleted and res.plural == plural and namespace == self.namespace
-                and f"{res.group}/{res.version}".lstrip("/") == group_version]
+        return [
+            obj.raw
+            for (res, namespace, _), obj in self.emulator.objects.items()
+            if not obj.deleted
+            and res.plural == plural
+            and namespace == self.namespace
+            and f"{res.group}/{res.version}".lstrip("/") == group_version
+        ]
 
     def get(self, resource: str, name: str) -> dict[str, Any] | None:
         return next((obj for obj in self.objects(resource) if obj["metadata"]["name"] == name), None)
@@ -86,8 +94,11 @@ class Cluster:
         return sorted(job["metadata"]["name"] for job in self.objects(JOBS))
 
     def events(self, name: str) -> list[tuple[str, str]]:
-        return [(event.get("reason"), event.get("message")) for event in self.objects("v1/events")
-                if event.get("involvedObject", {}).get("name") == name]
+        return [
+            (event.get("reason"), event.get("message"))
+            for event in self.objects("v1/events")
+            if event.get("involvedObject", {}).get("name") == name
+        ]
 
     async def eventually(self, check, timeout: float = 15.0, what: str = "condition") -> Any:
         """Wait until `check()` returns something truthy; the emulator serves while we wait."""
@@ -101,8 +112,11 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     async def phase_becomes(self, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
-        return await self.eventually(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
-                                     timeout, f"{name} phase {phase} (now {self.status(name).get('phase')})")
+        return await self.eventually(
+            lambda: self.status(name) if self.status(name).get("phase") == phase else None,
+            timeout,
+            f"{name} phase {phase} (now {self.status(name).get('phase')})",
+        )
 
     # -- playing the Job controller and the pods ------------------------------------------
 
@@ -110,22 +124,50 @@ class Cluster:
         await self.patch_status(JOBS, name, {"active": 1, "ready": 1})
 
     async def job_succeeded(self, name: str) -> None:
-        await self.patch_status(JOBS, name, {"active": 0, "ready": 0, "succeeded": 1, "conditions": [
-            {"type": "Complete", "status": "True"}]})
+        await self.patch_status(
+            JOBS,
+            name,
+            {"active": 0, "ready": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+        )
 
-    async def job_failed(self, name: str, *, exit_code: int = 1, reason: str = "Error", message: str = "",
-                         job_reason: str = "BackoffLimitExceeded") -> None:
+    async def job_failed(
+        self,
+        name: str,
+        *,
+        exit_code: int = 1,
+        reason: str = "Error",
+        message: str = "",
+        job_reason: str = "BackoffLimitExceeded",
+    ) -> None:
         """Pod 0 of the Job terminated as given, then the Job failed (backoffLimit 0)."""
         job = self.get(JOBS, name)
         container = job["spec"]["template"]["spec"]["containers"][0]["name"]
         pod = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{name}-0-abcde", "namespace": self.namespace,
-                         "labels": {**job["spec"]["template"]["metadata"]["labels"],
-                                    "batch.kubernetes.io/job-name": name}},
-            "status": {"phase": "Failed", "containerStatuses": [{"name": container, "state": {"terminated": {
-                "exitCode": exit_code, "reason": reason, "message": message}}}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{name}-0-abcde",
+                "namespace": self.namespace,
+                "labels": {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name},
+            },
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": container,
+                        "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}},
+                    }
+                ],
+            },
         }
         await self.request("POST", self._path("v1/pods"), pod)
-        await self.patch_status(JOBS, name, {"active": 0, "ready": 0, "failed": 1, "conditions": [
-            {"type": "Failed", "status": "True", "reason": job_reason}]})
+        await self.patch_status(
+            JOBS,
+            name,
+            {
+                "active": 0,
+                "ready": 0,
+                "failed": 1,
+                "conditions": [{"type": "Failed", "status": "True", "reason": job_reason}],
+            },
+        )

@@ -16,8 +16,13 @@ LOCAL_EXAMPLES = ("quickstart.yaml",)
 
 def example_manifests() -> list[dict[str, Any]]:
     """The examples meant for a cluster."""
-    return [doc for path in sorted(EXAMPLES.glob("*.yaml")) if path.name not in LOCAL_EXAMPLES
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc
+        for path in sorted(EXAMPLES.glob("*.yaml"))
+        if path.name not in LOCAL_EXAMPLES
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def minimal_manifest(name: str = "tiny", namespace: str = "default", **spec_overrides: Any) -> dict[str, Any]:

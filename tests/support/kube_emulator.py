@@ -55,14 +55,15 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         for key, (kind, namespaced, subresources) in BUILTIN_RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources,
-                singular=kind.lower())
+                kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources, singular=kind.lower()
+            )
         # kubectl asks for discovery with a trailing slash.
         self.fallback["get /apis/"] << self._serve_apis
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        self.request_log.append((raw_request.method, raw_request.path, dict(raw_request.query),
-                                 raw_request.headers.get("User-Agent", "")))
+        self.request_log.append(
+            (raw_request.method, raw_request.path, dict(raw_request.query), raw_request.headers.get("User-Agent", ""))
+        )
         # kmock cannot even parse the path of the cluster-wide namespace collection.
         if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method in ("GET", "POST"):
             return await self._serve_namespaces(raw_request)
@@ -78,8 +79,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         (`kubectl create namespace`); none is ever removed."""
         if raw_request.method == "POST":
             namespace = await raw_request.json()
-            namespace["metadata"] |= {"uid": str(uuid.uuid4()), "creationTimestamp": _now(),
-                                      "resourceVersion": str(next(self._versions))}
+            namespace["metadata"] |= {
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": _now(),
+                "resourceVersion": str(next(self._versions)),
+            }
             self._created_namespaces.add(namespace["metadata"]["name"])
             return aiohttp.web.json_response(namespace, status=201)
         if raw_request.query.get("watch") in ("true", "1"):
@@ -87,12 +91,19 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             await response.prepare(raw_request)
             await asyncio.sleep(2)  # an empty watch that ends soon: the client simply watches again
             return response
-        names = sorted({namespace for (_, namespace, _), obj in self.objects.items() if namespace}
-                       | self._created_namespaces | {"default"})
-        return aiohttp.web.json_response({
-            "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": str(next(self._versions))},
-            "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names],
-        })
+        names = sorted(
+            {namespace for (_, namespace, _), obj in self.objects.items() if namespace}
+            | self._created_namespaces
+            | {"default"}
+        )
+        return aiohttp.web.json_response(
+            {
+                "apiVersion": "v1",
+                "kind": "NamespaceList",
+                "metadata": {"resourceVersion": str(next(self._versions))},
+                "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names],
+            }
+        )
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None:
@@ -102,8 +113,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             return response
         if request.action == enums.action.CREATE and response.status == 200:
             response.set_status(201)
-        if request.action == enums.action.LIST and request.resource.plural and isinstance(
-                response, aiohttp.web.Response):
+        if (
+            request.action == enums.action.LIST
+            and request.resource.plural
+            and isinstance(response, aiohttp.web.Response)
+        ):
             response = self._as_list(request, response)
         if request.action == enums.action.WATCH:
             response.content_type = "application/json"
@@ -164,8 +178,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         """A typed list, filtered by equality label selectors."""
         body = json.loads(response.body)
         wanted = dict(term.split("=", 1) for term in request.params.get("labelSelector", "").split(",") if "=" in term)
-        body["items"] = [item for item in body.get("items", [])
-                         if wanted.items() <= (item.get("metadata", {}).get("labels") or {}).items()]
+        body["items"] = [
+            item
+            for item in body.get("items", [])
+            if wanted.items() <= (item.get("metadata", {}).get("labels") or {}).items()
+        ]
         kind = next((self.resources[r].kind for r in self.resources if r == request.resource), None)
         resource = request.resource
         body["kind"] = f"{kind}List" if kind else "List"
@@ -178,16 +195,21 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         for version in spec["versions"]:
             if version.get("served", True):
                 self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = kmock.ResourceInfo(
-                    kind=names["kind"], singular=names.get("singular"), namespaced=spec["scope"] == "Namespaced",
-                    shortnames=names.get("shortNames", ()), verbs=VERBS,
-                    subresources=tuple(version.get("subresources", {})))
+                    kind=names["kind"],
+                    singular=names.get("singular"),
+                    namespaced=spec["scope"] == "Namespaced",
+                    shortnames=names.get("shortNames", ()),
+                    verbs=VERBS,
+                    subresources=tuple(version.get("subresources", {})),
+                )
 
     async def _collect_garbage(self) -> None:
         """Delete, transitively, every object whose owners are all gone (foreground-free GC)."""
         while True:
             alive = {obj.raw["metadata"].get("uid") for obj in self._live_objects()}
             orphans = [
-                (key, obj) for key, obj in self.objects.items()
+                (key, obj)
+                for key, obj in self.objects.items()
                 if not obj.deleted
                 for owners in [obj.raw.get("metadata", {}).get("ownerReferences", [])]
                 if owners and not any(owner["uid"] in alive for owner in owners)

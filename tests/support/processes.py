@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 
-def wait_for_training_step(progress_file: Path, step: int, process: subprocess.Popen, log: Path,
-                           timeout: float = 300) -> None:
+def wait_for_training_step(
+    progress_file: Path, step: int, process: subprocess.Popen, log: Path, timeout: float = 300
+) -> None:
     """Until the trainer's progress.json reports `step`; fails with the log if it ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:

@@ -18,11 +18,18 @@ def reference_metrics(query_vectors: np.ndarray, passage_vectors: np.ndarray, ev
     for k in ks:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         # strictly decreasing scores keep this order inside trec_eval (which breaks ties by docid)
-        run = {q["id"]: {doc_ids[j]: float(-rank) for rank, j in enumerate(row)} for q, row in zip(eval_set.queries, top)}
+        run = {
+            q["id"]: {doc_ids[j]: float(-rank) for rank, j in enumerate(row)} for q, row in zip(eval_set.queries, top)
+        }
         cut = str(k)
         measures = {f"ndcg_cut.{cut}", f"recall.{cut}", f"P.{cut}", f"map_cut.{cut}", "recip_rank"}
         results = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-        for ours, theirs in (("ndcg", f"ndcg_cut_{k}"), ("recall", f"recall_{k}"), ("mrr", "recip_rank"),
-                             ("map", f"map_cut_{k}"), ("precision", f"P_{k}")):
+        for ours, theirs in (
+            ("ndcg", f"ndcg_cut_{k}"),
+            ("recall", f"recall_{k}"),
+            ("mrr", "recip_rank"),
+            ("map", f"map_cut_{k}"),
+            ("precision", f"P_{k}"),
+        ):
             out[f"{ours}@{k}"] = float(np.mean([results[q["id"]][theirs] for q in eval_set.queries]))
     return out

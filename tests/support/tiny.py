@@ -18,8 +18,14 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
     # transformers 5 ignores `vocab_file=` (every word became [UNK]); it takes the vocabulary itself
     BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(path)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(WORDS) + 8, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 8,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     return path
 
@@ -33,11 +39,13 @@ def synthetic_records(count: int, *, seed: int = 0, negatives: int = 3) -> list[
         filler = rng.sample(WORDS, 3)
         passage = topic + filler
         rng.shuffle(passage)
-        records.append({
-            "query": "what is " + " ".join(topic),
-            "pos": [" ".join(passage)],
-            "neg": [" ".join(rng.sample(WORDS, 6)) for _ in range(negatives)],
-        })
+        records.append(
+            {
+                "query": "what is " + " ".join(topic),
+                "pos": [" ".join(passage)],
+                "neg": [" ".join(rng.sample(WORDS, 6)) for _ in range(negatives)],
+            }
+        )
     return records
 
 

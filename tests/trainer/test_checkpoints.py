@@ -30,7 +30,10 @@ def test_layout_of_a_stored_checkpoint(store, tmp_path):
     assert store.complete_steps() == [50]
     assert store.uri(50).endswith("/ckpt/ml/finance/run-7/checkpoints/checkpoint-50")
     marker = json.loads(store.storage.read_bytes("ml/finance/run-7/checkpoints/checkpoint-50/" + COMPLETE_MARKER))
-    assert [(f["path"], f["size"]) for f in marker["files"]] == [("model.safetensors", len(b"weights 50")), ("trainer_state.json", 2)]
+    assert [(f["path"], f["size"]) for f in marker["files"]] == [
+        ("model.safetensors", len(b"weights 50")),
+        ("trainer_state.json", 2),
+    ]
     assert all(len(f["sha256"]) == 64 for f in marker["files"])
 
 
@@ -81,8 +84,9 @@ def test_prune_keeps_the_newest_complete_and_spares_newer_uploads(store, tmp_pat
 
 def test_uploader_works_in_background_from_a_snapshot(store, tmp_path):
     stored = []
-    uploader = CheckpointUploader(store, tmp_path / "staging", node_rank=0, num_nodes=1, keep=2,
-                                  on_complete=lambda step, uri: stored.append(step))
+    uploader = CheckpointUploader(
+        store, tmp_path / "staging", node_rank=0, num_nodes=1, keep=2, on_complete=lambda step, uri: stored.append(step)
+    )
     for step in (1, 2, 3):
         folder = _checkpoint(tmp_path / "out", step)
         uploader.submit(step, folder)

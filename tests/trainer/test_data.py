@@ -53,16 +53,20 @@ def test_directory_of_files_and_missing_paths(tmp_path):
     write_jsonl(tmp_path / "empty.jsonl", [])
     result = load_jsonl([tmp_path / "d", tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"])
     assert len(result.records) == 3
-    assert result.problems == [f"{tmp_path / 'missing.jsonl'}: no such file or directory",
-                               f"{tmp_path / 'empty.jsonl'}: no records"]
+    assert result.problems == [
+        f"{tmp_path / 'missing.jsonl'}: no such file or directory",
+        f"{tmp_path / 'empty.jsonl'}: no records",
+    ]
 
 
 def test_check_data_cli_prints_every_problem_and_exits_2(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [GOOD, '{"query": "q", "pos": []}', "{oops"])
     assert cli(["check-data", str(data)]) == 2
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"{data}:2: pos: empty list (need at least one positive passage)",
-                   f"{data}:3: json: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert out == [
+        f"{data}:2: pos: empty list (need at least one positive passage)",
+        f"{data}:3: json: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
 
 
 def test_check_data_cli_accepts_valid_data(tmp_path, capsys):
@@ -80,8 +84,9 @@ def test_training_refuses_invalid_data_with_the_same_report(tmp_path):
 
 
 def test_missing_negatives_are_filled_from_other_records_never_own_positives():
-    records = [Record(query=f"q{i}", pos=[f"p{i}", f"shared{i % 3}"], neg=[f"n{i}"] if i % 2 else [])
-               for i in range(40)]
+    records = [
+        Record(query=f"q{i}", pos=[f"p{i}", f"shared{i % 3}"], neg=[f"n{i}"] if i % 2 else []) for i in range(40)
+    ]
     added = fill_negatives(records, group_size=6, seed=7)
     assert added == sum(5 - (1 if i % 2 else 0) for i in range(40))
     for record in records:
@@ -122,8 +127,9 @@ def test_held_out_split_never_trains_on_a_held_out_query():
 
 def test_prepare_writes_train_and_eval_files(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(30, negatives=1))
-    prepared = prepare_training_data(DataSpec(train=[str(data)], held_out_fraction=0.1), group_size=4, seed=1,
-                                     out_dir=tmp_path / "out")
+    prepared = prepare_training_data(
+        DataSpec(train=[str(data)], held_out_fraction=0.1), group_size=4, seed=1, out_dir=tmp_path / "out"
+    )
     assert prepared.eval_queries == 3 and prepared.train_records == 27
     rows = list(iter_jsonl(prepared.train_file))
     assert len(rows) == 27 and all(len(r["neg"]) == 3 for r in rows)
@@ -139,12 +145,16 @@ def _save_hf(tmp_path: Path, rows: dict) -> Path:
 
 
 def test_hugging_face_dataset_with_column_mapping(tmp_path, capsys):
-    path = _save_hf(tmp_path, {"question": ["what is a bond?", "what is equity?"],
-                               "context": ["A bond is debt.", "Equity is ownership."]})
+    path = _save_hf(
+        tmp_path,
+        {"question": ["what is a bond?", "what is equity?"], "context": ["A bond is debt.", "Equity is ownership."]},
+    )
     result = load_hugging_face(HuggingFaceSource(path=str(path), columns={"query": "question", "pos": "context"}))
     assert result.problems == []
     assert [(r.query, r.pos, r.neg) for r in result.records] == [
-        ("what is a bond?", ["A bond is debt."], []), ("what is equity?", ["Equity is ownership."], [])]
+        ("what is a bond?", ["A bond is debt."], []),
+        ("what is equity?", ["Equity is ownership."], []),
+    ]
     assert cli(["check-data", str(path), "--column", "query=question", "--column", "pos=context"]) == 0
 
 
@@ -155,4 +165,5 @@ def test_hugging_face_problems_name_the_row_and_bad_mappings_the_field(tmp_path)
     with pytest.raises(InputError) as caught:
         load_hugging_face(HuggingFaceSource(path=str(path), columns={"query": "title", "pos": "context"}))
     assert caught.value.problems == [
-        "data.huggingFace.columns.query: column 'title' not in dataset (has: question, context)"]
+        "data.huggingFace.columns.query: column 'title' not in dataset (has: question, context)"
+    ]

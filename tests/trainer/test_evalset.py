@@ -5,10 +5,16 @@ from embedtune.trainer.evalset import judgments, load_eval_set, passage_text
 from support.tiny import write_jsonl
 
 QUERIES = [{"id": "q1", "text": "what is a bond"}, {"id": "q2", "text": "what is equity"}]
-CORPUS = [{"id": "d1", "text": "a bond is debt", "title": "Bonds"}, {"id": "d2", "text": "equity is ownership"},
-          {"id": "d3", "text": "unrelated"}]
-QRELS = [{"qid": "q1", "docid": "d1", "relevance": 2}, {"qid": "q2", "docid": "d2", "relevance": 1},
-         {"qid": "q2", "docid": "d3", "relevance": 0}]
+CORPUS = [
+    {"id": "d1", "text": "a bond is debt", "title": "Bonds"},
+    {"id": "d2", "text": "equity is ownership"},
+    {"id": "d3", "text": "unrelated"},
+]
+QRELS = [
+    {"qid": "q1", "docid": "d1", "relevance": 2},
+    {"qid": "q2", "docid": "d2", "relevance": 1},
+    {"qid": "q2", "docid": "d3", "relevance": 0},
+]
 
 
 def _write(directory, queries=QUERIES, corpus=CORPUS, qrels=QRELS):
@@ -27,11 +33,18 @@ def test_valid_set_loads_with_graded_judgments(tmp_path):
 
 
 def test_every_problem_names_file_and_line(tmp_path):
-    _write(tmp_path,
-           queries=[*QUERIES, {"id": "q1", "text": "again"}, {"id": "q3", "text": "never judged"}, {"id": 4}],
-           corpus=[*CORPUS, {"id": "d4", "text": ""}],
-           qrels=[*QRELS, {"qid": "q1", "docid": "d9", "relevance": 1}, {"qid": "qx", "docid": "d1", "relevance": 1},
-                  {"qid": "q1", "docid": "d2", "relevance": "high"}, {"qid": "q1", "docid": "d1", "relevance": 1}])
+    _write(
+        tmp_path,
+        queries=[*QUERIES, {"id": "q1", "text": "again"}, {"id": "q3", "text": "never judged"}, {"id": 4}],
+        corpus=[*CORPUS, {"id": "d4", "text": ""}],
+        qrels=[
+            *QRELS,
+            {"qid": "q1", "docid": "d9", "relevance": 1},
+            {"qid": "qx", "docid": "d1", "relevance": 1},
+            {"qid": "q1", "docid": "d2", "relevance": "high"},
+            {"qid": "q1", "docid": "d1", "relevance": 1},
+        ],
+    )
     with pytest.raises(InputError) as caught:
         load_eval_set(str(tmp_path), tmp_path / "dl")
     queries, corpus, qrels = (tmp_path / name for name in ("queries.jsonl", "corpus.jsonl", "qrels.jsonl"))
@@ -48,13 +61,17 @@ def test_every_problem_names_file_and_line(tmp_path):
 
 
 def test_query_without_relevant_passage_is_an_error(tmp_path):
-    _write(tmp_path, queries=[*QUERIES, {"id": "q3", "text": "never judged"}],
-           qrels=[*QRELS, {"qid": "q1", "docid": "d3", "relevance": 0}])
+    _write(
+        tmp_path,
+        queries=[*QUERIES, {"id": "q3", "text": "never judged"}],
+        qrels=[*QRELS, {"qid": "q1", "docid": "d3", "relevance": 0}],
+    )
     with pytest.raises(InputError) as caught:
         load_eval_set(str(tmp_path), tmp_path / "dl")
     assert caught.value.problems == [
         f"{tmp_path / 'queries.jsonl'}:3: id: query 'q3' has no relevant passage in qrels.jsonl "
-        "(add a qrels line with relevance > 0, or remove the query)"]
+        "(add a qrels line with relevance > 0, or remove the query)"
+    ]
 
 
 def test_missing_files_and_bad_json(tmp_path):

@@ -14,8 +14,15 @@ from support.reference import reference_metrics
 from support.tiny import synthetic_records, write_jsonl
 
 # mean pooling: a random tiny BERT's CLS vectors are nearly identical, so rankings would be float noise
-SPEC = ModelSpec(base="tiny", pooling="mean", normalize=True, query_instruction="what: ", passage_instruction="doc: ",
-                 query_max_length=16, passage_max_length=24)
+SPEC = ModelSpec(
+    base="tiny",
+    pooling="mean",
+    normalize=True,
+    query_instruction="what: ",
+    passage_instruction="doc: ",
+    query_max_length=16,
+    passage_max_length=24,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +43,9 @@ def test_exported_settings_round_trip_and_flags_override_them(exported):
     model = load_encoder(exported)
     assert model_settings(model, "tiny") == SPEC
     overridden = load_encoder(exported, {"query_instruction": "find: ", "pooling": "cls"})
-    assert model_settings(overridden, "tiny") == SPEC.model_copy(update={"query_instruction": "find: ",
-                                                                         "pooling": "cls"})
+    assert model_settings(overridden, "tiny") == SPEC.model_copy(
+        update={"query_instruction": "find: ", "pooling": "cls"}
+    )
 
 
 def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path):
@@ -53,13 +61,40 @@ def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path):
 
 def test_cli_compares_with_baseline_and_writes_metrics(exported, tiny_model, eval_dir, tmp_path, capsys):
     output = tmp_path / "out" / "metrics.json"
-    code = cli(["evaluate", "--model", str(exported), "--baseline", str(tiny_model), "--eval-set", str(eval_dir),
-                "--k", "10,1", "--output", str(output), "--pooling", "mean", "--query-instruction", "what: "])
+    code = cli(
+        [
+            "evaluate",
+            "--model",
+            str(exported),
+            "--baseline",
+            str(tiny_model),
+            "--eval-set",
+            str(eval_dir),
+            "--k",
+            "10,1",
+            "--output",
+            str(output),
+            "--pooling",
+            "mean",
+            "--query-instruction",
+            "what: ",
+        ]
+    )
     assert code == 0
     report = json.loads(output.read_text())
     assert report["queries"] == 30 and report["corpus"] == 60
-    assert list(report["finetuned"]) == ["ndcg@1", "ndcg@10", "recall@1", "recall@10", "mrr@1", "mrr@10", "map@1",
-                                         "map@10", "precision@1", "precision@10"]
+    assert list(report["finetuned"]) == [
+        "ndcg@1",
+        "ndcg@10",
+        "recall@1",
+        "recall@10",
+        "mrr@1",
+        "mrr@10",
+        "map@1",
+        "map@10",
+        "precision@1",
+        "precision@10",
+    ]
     for key, value in report["delta"].items():
         assert value == pytest.approx(report["finetuned"][key] - report["baseline"][key])
     table = capsys.readouterr().out
@@ -81,15 +116,34 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
             patches.append(args)
 
     monkeypatch.setattr(status, "_custom_objects_api", FakeApi)
-    code = cli(["evaluate", "--model", f"{s3_bucket}/run-1/model", "--eval-set", f"{s3_bucket}/run-1/eval",
-                "--output", f"{s3_bucket}/run-1/metrics.json", "--patch-status", "ml/finance",
-                "--storage-endpoint", s3_endpoint, "--k", "10"])
+    code = cli(
+        [
+            "evaluate",
+            "--model",
+            f"{s3_bucket}/run-1/model",
+            "--eval-set",
+            f"{s3_bucket}/run-1/eval",
+            "--output",
+            f"{s3_bucket}/run-1/metrics.json",
+            "--patch-status",
+            "ml/finance",
+            "--storage-endpoint",
+            s3_endpoint,
+            "--k",
+            "10",
+        ]
+    )
     assert code == 0
     report = json.loads(storage.read_bytes("run-1/metrics.json"))
     assert report["baseline"] is None and report["delta"] is None and report["finetuned"]["ndcg@10"] > 0
-    (group, version, namespace, plural, name, body), = patches
-    assert (group, version, namespace, plural, name) == ("embedtune.io", "v1alpha1", "ml", "embeddingfinetunes",
-                                                         "finance")
+    ((group, version, namespace, plural, name, body),) = patches
+    assert (group, version, namespace, plural, name) == (
+        "embedtune.io",
+        "v1alpha1",
+        "ml",
+        "embeddingfinetunes",
+        "finance",
+    )
     assert body == {"status": {"metrics": {"baseline": None, "finetuned": report["finetuned"], "delta": None}}}
 
 

@@ -14,9 +14,12 @@ def trainer_embeddings(model_dir, spec: ModelSpec, texts, instruction, max_lengt
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = EmbedtuneEmbedderModel(AutoModel.from_pretrained(model_dir), tokenizer=tokenizer,
-                                   sentence_pooling_method=spec.flagembedding_pooling,
-                                   normalize_embeddings=spec.normalize).eval()
+    model = EmbedtuneEmbedderModel(
+        AutoModel.from_pretrained(model_dir),
+        tokenizer=tokenizer,
+        sentence_pooling_method=spec.flagembedding_pooling,
+        normalize_embeddings=spec.normalize,
+    ).eval()
     if instruction:
         texts = [f"{instruction}{t}" for t in texts]
     features = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -24,16 +27,25 @@ def trainer_embeddings(model_dir, spec: ModelSpec, texts, instruction, max_lengt
         return model.encode(dict(features))
 
 
-@pytest.mark.parametrize("pooling,normalize,instruction", [
-    ("cls", True, "Represent this sentence for searching relevant passages: "),
-    ("mean", True, None),
-    ("mean", False, "query: "),
-])
+@pytest.mark.parametrize(
+    "pooling,normalize,instruction",
+    [
+        ("cls", True, "Represent this sentence for searching relevant passages: "),
+        ("mean", True, None),
+        ("mean", False, "query: "),
+    ],
+)
 def test_sentence_transformers_reproduces_the_trainer_embeddings(tiny_model, tmp_path, pooling, normalize, instruction):
     from sentence_transformers import SentenceTransformer
 
-    spec = ModelSpec(base=str(tiny_model), pooling=pooling, normalize=normalize, query_instruction=instruction,
-                     query_max_length=8, passage_max_length=16)
+    spec = ModelSpec(
+        base=str(tiny_model),
+        pooling=pooling,
+        normalize=normalize,
+        query_instruction=instruction,
+        query_max_length=8,
+        passage_max_length=16,
+    )
     out = export_sentence_transformers(tiny_model, tmp_path / "st", spec)
     loaded = SentenceTransformer(str(out), device="cpu")
 

@@ -23,12 +23,16 @@ RANKINGS = {
 }
 # Hand-computed: query -> k -> (ndcg, recall, mrr, map, precision)
 EXPECTED = {
-    "binary": {1: (0, 0, 0, 0, 0),
-               2: (_dcg(0, 1) / _dcg(1, 1), 1 / 2, 1 / 2, (1 / 2) / 2, 1 / 2),
-               4: (_dcg(0, 1, 0, 1) / _dcg(1, 1), 1, 1 / 2, (1 / 2 + 2 / 4) / 2, 2 / 4)},
-    "graded": {1: (1 / 2, 1 / 2, 1, 1 / 2, 1),
-               2: (_dcg(1, 2) / _dcg(2, 1), 1, 1, (1 + 1) / 2, 1),
-               4: (_dcg(1, 2) / _dcg(2, 1), 1, 1, (1 + 1) / 2, 2 / 4)},
+    "binary": {
+        1: (0, 0, 0, 0, 0),
+        2: (_dcg(0, 1) / _dcg(1, 1), 1 / 2, 1 / 2, (1 / 2) / 2, 1 / 2),
+        4: (_dcg(0, 1, 0, 1) / _dcg(1, 1), 1, 1 / 2, (1 / 2 + 2 / 4) / 2, 2 / 4),
+    },
+    "graded": {
+        1: (1 / 2, 1 / 2, 1, 1 / 2, 1),
+        2: (_dcg(1, 2) / _dcg(2, 1), 1, 1, (1 + 1) / 2, 1),
+        4: (_dcg(1, 2) / _dcg(2, 1), 1, 1, (1 + 1) / 2, 2 / 4),
+    },
     "missed": {k: (0, 0, 0, 0, 0) for k in (1, 2, 4)},
     "absent": {k: (0, 0, 0, 0, 0) for k in (1, 2, 4)},
 }
@@ -80,12 +84,16 @@ def test_randomized_cross_check_against_pytrec_eval():
 
     def run_of(depth):
         # strictly decreasing scores, so trec_eval keeps our order (it breaks ties by docid)
-        return {qid: {d: float(-rank) for rank, d in enumerate(ranked[:depth])} for qid, ranked in rankings.items()
-                if ranked}
+        return {
+            qid: {d: float(-rank) for rank, d in enumerate(ranked[:depth])}
+            for qid, ranked in rankings.items()
+            if ranked
+        }
 
     cut = ",".join(map(str, ks))
-    full = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{cut}", f"recall.{cut}", f"P.{cut}",
-                                                  f"map_cut.{cut}"}).evaluate(run_of(max(ks)))
+    full = pytrec_eval.RelevanceEvaluator(
+        qrels, {f"ndcg_cut.{cut}", f"recall.{cut}", f"P.{cut}", f"map_cut.{cut}"}
+    ).evaluate(run_of(max(ks)))
     compared = 0
     for k in ks:
         reciprocal = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run_of(k))

@@ -47,8 +47,8 @@ def test_never_a_positive_the_query_or_a_duplicate(encoder):
     summary = mine_hard_negatives(records, encoder, spec, seed=1, candidates=pool)
     assert summary.mined == sum(len(r.neg) - len(b) for r, b in zip(records, before)) > 0
     for record, old in zip(records, before):
-        mined = record.neg[len(old):]
-        assert record.neg[:len(old)] == old  # the record's own negatives are kept
+        mined = record.neg[len(old) :]
+        assert record.neg[: len(old)] == old  # the record's own negatives are kept
         assert len(set(record.neg)) == len(record.neg)  # no duplicate, none of its own repeated
         assert not set(mined) & positives[record.query], "a positive was mined"
         assert record.query not in mined
@@ -82,8 +82,9 @@ def test_false_negative_guard_skips_candidates_scoring_near_the_positive(encoder
     corpus = list(dict.fromkeys(p for r in records for p in (*r.pos, *r.neg)))
     before = [len(r.neg) for r in records]
     ratio = 0.9
-    summary = mine_hard_negatives(records, encoder, HardNegativesSpec(range="0-40", count=40, max_score_ratio=ratio),
-                                  seed=0)
+    summary = mine_hard_negatives(
+        records, encoder, HardNegativesSpec(range="0-40", count=40, max_score_ratio=ratio), seed=0
+    )
     assert summary.guarded > 0
     positives = {}
     for r in records:
@@ -99,11 +100,13 @@ def test_false_negative_guard_skips_candidates_scoring_near_the_positive(encoder
 
 def test_training_data_preparation_mines_with_the_base_model(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [r | {"neg": []} for r in synthetic_records(30, seed=2)])
-    spec = DataSpec(train=[str(data)], held_out_fraction=0.2,
-                    hard_negatives=HardNegativesSpec(mine=True, range="1-10", count=3))
+    spec = DataSpec(
+        train=[str(data)], held_out_fraction=0.2, hard_negatives=HardNegativesSpec(mine=True, range="1-10", count=3)
+    )
     model = ModelSpec(base=str(tiny_model), pooling="mean")
-    prepared = prepare_training_data(spec, group_size=4, seed=0, out_dir=tmp_path / "out", model=model,
-                                     model_path=tiny_model)
+    prepared = prepare_training_data(
+        spec, group_size=4, seed=0, out_dir=tmp_path / "out", model=model, model_path=tiny_model
+    )
     rows = list(iter_jsonl(prepared.train_file))
     assert len(rows) == 24 and prepared.negatives_added == 0  # mining gave every record its 3 negatives
     held_out = {q["text"] for q in iter_jsonl(prepared.eval_dir / "queries.jsonl")}
@@ -116,8 +119,25 @@ def test_training_data_preparation_mines_with_the_base_model(tiny_model, tmp_pat
 def test_mine_cli(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(20, seed=4))
     output = tmp_path / "mined.jsonl"
-    assert cli(["mine", str(data), "--model", str(tiny_model), "--output", str(output), "--range", "2-12",
-                "--count", "2", "--pooling", "mean"]) == 0
+    assert (
+        cli(
+            [
+                "mine",
+                str(data),
+                "--model",
+                str(tiny_model),
+                "--output",
+                str(output),
+                "--range",
+                "2-12",
+                "--count",
+                "2",
+                "--pooling",
+                "mean",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 20 and all(len(row["neg"]) == 3 + 2 for row in rows)
     assert "mined 40 negatives for 20 records" in capsys.readouterr().err
@@ -127,8 +147,23 @@ def test_mine_cli_input_errors_exit_2(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [{"query": "q", "pos": []}])
     assert cli(["mine", str(data), "--model", str(tiny_model), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert f"{data}:1: pos: empty list" in capsys.readouterr().err
-    assert cli(["mine", str(data), "--model", str(tiny_model), "--output", str(tmp_path / "o.jsonl"),
-                "--range", "20-10", "--count", "0"]) == 2
+    assert (
+        cli(
+            [
+                "mine",
+                str(data),
+                "--model",
+                str(tiny_model),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--range",
+                "20-10",
+                "--count",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--range: '20-10': expected FIRST-LAST with FIRST < LAST" in err
     assert "--count: Input should be greater than or equal to 1" in err
@@ -139,12 +174,16 @@ def test_hard_negatives_config_is_validated_by_field_path(tmp_path):
     from embedtune.trainer.errors import InputError
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {base: m}\nstorage: {uri: /s}\n"
-                    "data: {train: t.jsonl, hardNegatives: {mine: true, range: '10-100', count: 5, maxScoreRatio: 0.9}}\n")
+    path.write_text(
+        "model: {base: m}\nstorage: {uri: /s}\n"
+        "data: {train: t.jsonl, hardNegatives: {mine: true, range: '10-100', count: 5, maxScoreRatio: 0.9}}\n"
+    )
     mining = load_trainer_config(path).data.hard_negatives
     assert (mining.mine, mining.rank_range, mining.count, mining.max_score_ratio) == (True, "10-100", 5, 0.9)
-    path.write_text("model: {base: m}\nstorage: {uri: /s}\n"
-                    "data: {train: t.jsonl, hardNegatives: {range: '100-10', count: 0, maxScoreRatio: 2}}\n")
+    path.write_text(
+        "model: {base: m}\nstorage: {uri: /s}\n"
+        "data: {train: t.jsonl, hardNegatives: {range: '100-10', count: 0, maxScoreRatio: 2}}\n"
+    )
     with pytest.raises(InputError) as caught:
         load_trainer_config(path)
     assert caught.value.problems == [
@@ -160,4 +199,5 @@ def test_candidate_pool_problems_name_their_lines(tmp_path):
         load_candidates(path)
     assert caught.value.problems == [
         f"{path}:3: json: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
-        f"{path}:4: text: expected a non-empty string"]
+        f"{path}:4: text: expected a non-empty string",
+    ]

@@ -37,12 +37,19 @@ def test_progress_is_throttled_but_never_lost_and_a_failing_reporter_is_containe
 
 
 def test_rates_count_only_this_attempts_steps():
-    progress = progress_from_log(150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5},
-                                 steps_done=50, elapsed=25.0, samples_per_step=64)
+    progress = progress_from_log(
+        150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5}, steps_done=50, elapsed=25.0, samples_per_step=64
+    )
     assert progress.samples_per_second == 128.0  # 2 steps/s x 64 samples
     assert progress.eta_seconds == 25.0  # 50 steps left at 2 steps/s
-    assert progress.to_status() == {"step": 150, "totalSteps": 200, "epoch": 1.5, "loss": 0.3,
-                                    "samplesPerSecond": 128.0, "etaSeconds": 25}
+    assert progress.to_status() == {
+        "step": 150,
+        "totalSteps": 200,
+        "epoch": 1.5,
+        "loss": 0.3,
+        "samplesPerSecond": 128.0,
+        "etaSeconds": 25,
+    }
     assert progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, samples_per_step=8).eta_seconds is None
 
 

@@ -24,8 +24,24 @@ def test_minilm_metrics_match_an_independent_computation(minilm, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     output = tmp_path / "metrics.json"
-    assert cli(["evaluate", "--model", str(minilm), "--baseline", str(minilm), "--eval-set", str(EVAL_SET),
-                "--k", "1,3,10", "--output", str(output)]) == 0
+    assert (
+        cli(
+            [
+                "evaluate",
+                "--model",
+                str(minilm),
+                "--baseline",
+                str(minilm),
+                "--eval-set",
+                str(EVAL_SET),
+                "--k",
+                "1,3,10",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     report = json.loads(output.read_text())
 
     eval_set = load_eval_set(str(EVAL_SET), tmp_path)

@@ -6,7 +6,7 @@ from embedtune.trainer.search import NO_RESULT, search
 
 def _chunks(vectors, size, order=None):
     order = np.arange(len(vectors)) if order is None else order
-    return [(order[i:i + size], vectors[order[i:i + size]]) for i in range(0, len(vectors), size)]
+    return [(order[i : i + size], vectors[order[i : i + size]]) for i in range(0, len(vectors), size)]
 
 
 def test_exact_search_over_chunks_equals_brute_force():

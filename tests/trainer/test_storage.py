@@ -31,7 +31,10 @@ def test_directory_round_trip_list_and_delete(storage, tmp_path):
     uploaded = storage.upload_dir(_tree(tmp_path / "src", files), "run/x")
     assert sorted(o.key for o in uploaded) == ["run/x/a.bin", "run/x/sub/b.txt", "run/x/sub/deeper/c"]
     assert [(o.key, o.size) for o in storage.list("run/x")] == [
-        ("run/x/a.bin", 3000), ("run/x/sub/b.txt", 5), ("run/x/sub/deeper/c", 0)]
+        ("run/x/a.bin", 3000),
+        ("run/x/sub/b.txt", 5),
+        ("run/x/sub/deeper/c", 0),
+    ]
     assert storage.list("run/x/sub/b") == []  # a prefix is a folder, not a string prefix
     storage.download_dir("run/x", tmp_path / "dst")
     for name, data in files.items():
@@ -85,8 +88,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
             return
-        request = urllib.request.Request(server.upstream + self.path, data=body or None, method=self.command,
-                                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        request = urllib.request.Request(
+            server.upstream + self.path,
+            data=body or None,
+            method=self.command,
+            headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+        )
         try:
             with urllib.request.urlopen(request) as response:
                 status, headers, payload = response.status, response.headers, response.read()

@@ -23,14 +23,30 @@ pytestmark = pytest.mark.slow
 RUN = RunLayout("ml", "tiny", "1")
 
 
-def write_config(tmp_path: Path, tiny_model: Path, storage_uri: str, endpoint: str | None = None, *,
-                 data: Path | str | None = None, model: dict | None = None, **training) -> Path:
+def write_config(
+    tmp_path: Path,
+    tiny_model: Path,
+    storage_uri: str,
+    endpoint: str | None = None,
+    *,
+    data: Path | str | None = None,
+    model: dict | None = None,
+    **training,
+) -> Path:
     data = data or write_jsonl(tmp_path / "train.jsonl", synthetic_records(96, negatives=2))
     config = {
-        "model": {"base": str(tiny_model), "pooling": "cls", "queryMaxLength": 16, "passageMaxLength": 16} | (model or {}),
+        "model": {"base": str(tiny_model), "pooling": "cls", "queryMaxLength": 16, "passageMaxLength": 16}
+        | (model or {}),
         "data": {"train": str(data), "heldOutFraction": 0.1},
-        "training": {"epochs": 1, "batchSizePerDevice": 4, "groupSize": 4, "learningRate": 1e-4,
-                     "loggingSteps": 1, "seed": 7} | training.pop("training", {}),
+        "training": {
+            "epochs": 1,
+            "batchSizePerDevice": 4,
+            "groupSize": 4,
+            "learningRate": 1e-4,
+            "loggingSteps": 1,
+            "seed": 7,
+        }
+        | training.pop("training", {}),
         "checkpoint": training.pop("checkpoint", {"everySteps": 2, "keep": 2}),
         "storage": {"uri": storage_uri} | ({"endpoint": endpoint} if endpoint else {}),
         "run": {"namespace": RUN.namespace, "name": RUN.name, "runId": RUN.run_id},
@@ -43,8 +59,17 @@ def write_config(tmp_path: Path, tiny_model: Path, storage_uri: str, endpoint: s
 
 
 def trainer_command(config: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "embedtune.trainer.launch", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "embedtune.trainer", "--config", str(config)]
+    return [
+        sys.executable,
+        "-m",
+        "embedtune.trainer.launch",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "embedtune.trainer",
+        "--config",
+        str(config),
+    ]
 
 
 def trainer_env(**extra) -> dict:
@@ -78,20 +103,28 @@ def losses(storage, step: int) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("cross_device,queries,passages", [(True, 8, 32), (False, 4, 16)])
-def test_two_ranks_score_each_query_against_the_passages_of_both(tiny_model, tmp_path, s3_bucket, s3_endpoint,
-                                                                 cross_device, queries, passages):
+def test_two_ranks_score_each_query_against_the_passages_of_both(
+    tiny_model, tmp_path, s3_bucket, s3_endpoint, cross_device, queries, passages
+):
     storage = open_storage(s3_bucket, endpoint=s3_endpoint)
-    storage.upload_dir(write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_records(96, negatives=2)).parent,
-                       "datasets/tiny")
-    config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint, data=f"{s3_bucket}/datasets/tiny",
-                          training={"maxSteps": 4, "negativesCrossDevice": cross_device,
-                                    "gradientCheckpointing": not cross_device})
+    storage.upload_dir(
+        write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_records(96, negatives=2)).parent, "datasets/tiny"
+    )
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        s3_bucket,
+        s3_endpoint,
+        data=f"{s3_bucket}/datasets/tiny",
+        training={"maxSteps": 4, "negativesCrossDevice": cross_device, "gradientCheckpointing": not cross_device},
+    )
     result = run_trainer(config, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     # 4 queries per rank x 4 passages per query: gathered across both ranks that is 8 x 32
     state = "on" if cross_device else "off"
-    assert (f"negatives: world size 2, each of {queries} queries scored against {passages} passages "
-            f"(cross-device {state})") in result.stderr
+    assert (
+        f"negatives: world size 2, each of {queries} queries scored against {passages} passages (cross-device {state})"
+    ) in result.stderr
 
     assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
     assert storage.exists(f"{RUN.eval_prefix}/{COMPLETE_MARKER}")
@@ -100,8 +133,9 @@ def test_two_ranks_score_each_query_against_the_passages_of_both(tiny_model, tmp
     assert summary["model"] == f"{s3_bucket}/{RUN.model_prefix}" and summary["step"] == 4
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(tiny_model, tmp_path, s3_bucket,
-                                                                              s3_endpoint):
+def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(
+    tiny_model, tmp_path, s3_bucket, s3_endpoint
+):
     steps = {"training": {"maxSteps": 120}, "checkpoint": {"everySteps": 10, "keep": 2}}
     reference = write_config(tmp_path, tiny_model, str(tmp_path / "reference-store"), work="ref", **steps)
     finished = run_trainer(reference)
@@ -122,7 +156,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(ti
     kill_process_tree(victim)
     complete = store.complete_steps()
     assert complete and complete[0] < 120, (
-        f"the run should have been killed mid-way (exit {exited}):\n{victim_log.read_text()[-3000:]}")
+        f"the run should have been killed mid-way (exit {exited}):\n{victim_log.read_text()[-3000:]}"
+    )
     # an upload the kill cut short (no marker) must never be resumed from
     store.storage.write_bytes(f"{RUN.checkpoint_prefix(110)}/model.safetensors", b"half an upload")
 
@@ -138,14 +173,17 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(ti
 
 
 @pytest.mark.parametrize("nproc,signum", [(2, signal.SIGINT), (1, signal.SIGTERM)])
-def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_there(tiny_model, tmp_path, nproc,
-                                                                                  signum):
+def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_there(tiny_model, tmp_path, nproc, signum):
     # Ctrl-C reaches torchrun, which passes it on; SIGTERM is how Kubernetes stops a pod
     store_uri = str(tmp_path / "store")
-    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 400},
-                          checkpoint={"everySteps": 1000, "keep": 2})
-    command = trainer_command(config, nproc) if nproc > 1 else [
-        sys.executable, "-m", "embedtune.operator.cli", "train", str(config), "--nproc-per-node=1"]
+    config = write_config(
+        tmp_path, tiny_model, store_uri, training={"maxSteps": 400}, checkpoint={"everySteps": 1000, "keep": 2}
+    )
+    command = (
+        trainer_command(config, nproc)
+        if nproc > 1
+        else [sys.executable, "-m", "embedtune.operator.cli", "train", str(config), "--nproc-per-node=1"]
+    )
     log_path = tmp_path / "stopped.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=trainer_env(), stdout=log, stderr=log)
@@ -165,16 +203,20 @@ def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_ther
     assert sorted(losses(store.storage, 400)) == list(range(1, 401))  # every step trained exactly once
 
 
-@pytest.mark.parametrize("problem,message", [
-    ("data", ":3: pos: empty list (need at least one positive passage)"),
-    ("model", "model.base: cannot load"),
-])
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("data", ":3: pos: empty list (need at least one positive passage)"),
+        ("model", "model.base: cannot load"),
+    ],
+)
 def test_input_errors_exit_2_before_training(tiny_model, tmp_path, problem, message):
     data = write_jsonl(tmp_path / "bad.jsonl", synthetic_records(2) + [{"query": "q", "pos": []}])
     if problem == "model":
         data = write_jsonl(tmp_path / "good.jsonl", synthetic_records(40))
-    config = write_config(tmp_path, tmp_path / "no-such-model" if problem == "model" else tiny_model,
-                          str(tmp_path / "store"), data=data)
+    config = write_config(
+        tmp_path, tmp_path / "no-such-model" if problem == "model" else tiny_model, str(tmp_path / "store"), data=data
+    )
     termination = tmp_path / "termination-log"
     result = run_trainer(config, nproc=2, EMBEDTUNE_TERMINATION_LOG=str(termination))
     assert result.returncode == 2, result.stderr[-3000:]
@@ -186,7 +228,9 @@ def test_input_errors_exit_2_before_training(tiny_model, tmp_path, problem, mess
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_path, zero_stage):
     store_uri = str(tmp_path / "store")
-    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 6, "deepspeed": {"zeroStage": zero_stage}})
+    config = write_config(
+        tmp_path, tiny_model, store_uri, training={"maxSteps": 6, "deepspeed": {"zeroStage": zero_stage}}
+    )
     first = run_trainer(config)
     assert first.returncode == 0, first.stderr[-3000:]
     storage = open_storage(store_uri)
@@ -209,8 +253,13 @@ def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_pa
 
 def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(tiny_model, tmp_path):
     store_uri = str(tmp_path / "store")
-    config = write_config(tmp_path, tiny_model, store_uri, training={"maxSteps": 4, "matryoshkaDims": [32, 8]},
-                          model={"pooling": "mean", "queryInstruction": "query: "})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        store_uri,
+        training={"maxSteps": 4, "matryoshkaDims": [32, 8]},
+        model={"pooling": "mean", "queryInstruction": "query: "},
+    )
     first = run_trainer(config, nproc=1)
     assert first.returncode == 0, first.stderr[-3000:]
     storage = open_storage(store_uri)
