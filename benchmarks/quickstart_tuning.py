@@ -158,17 +158,18 @@ def log_time(text: str, pattern: str) -> float | None:
 
 
 def evaluate(model: str, validation: Path, settings: dict) -> tuple[dict, float]:
-    from embedtune.trainer.evaluate import EvaluationOptions, run_evaluation
+    from embedtune.trainer.contract import EncodingSettings, EvaluationConfig
+    from embedtune.trainer.evaluate import run_evaluation
 
-    overrides = {
-        "pooling": settings["model"]["pooling"],
-        "normalize": settings["model"]["normalize"],
-        "query_max_length": settings["model"]["queryMaxLength"],
-        "passage_max_length": settings["model"]["passageMaxLength"],
-    }
+    encoding = EncodingSettings(
+        pooling=settings["model"]["pooling"],
+        normalize=settings["model"]["normalize"],
+        query_max_length=settings["model"]["queryMaxLength"],
+        passage_max_length=settings["model"]["passageMaxLength"],
+    )
     started = time.time()
-    report = run_evaluation(model, str(validation), EvaluationOptions(ks=(1, 10, 100), overrides=overrides))
-    return report["finetuned"], time.time() - started
+    report = run_evaluation(EvaluationConfig(model=model, eval_set=str(validation), encoding=encoding))
+    return report.finetuned, time.time() - started
 
 
 def run_trial(name: str, settings: dict, work: Path, validation: Path) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from embedtune.trainer.status import GROUP, PLURAL, VERSION  # noqa: F401  (PLURAL is re-exported)
+from embedtune.trainer.contract import GROUP, VERSION
 
 KIND = "EmbeddingFinetune"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -24,10 +24,8 @@ LABEL_RUN_ID = f"{GROUP}/run-id"
 LABEL_ROLE = f"{GROUP}/role"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 
-TRAINER_CONTAINER = "trainer"
-EVALUATOR_CONTAINER = "evaluator"
-TRAINER_CONFIG_KEY = "trainer.yaml"
-TRAINER_CONFIG_DIR = "/etc/embedtune"
+# The job pods find their configs (contract.TRAINER_CONFIG_FILE, EVALUATION_CONFIG_FILE) here.
+CONFIG_DIR = "/etc/embedtune"
 MASTER_PORT = 29500
 
 # How often every resource is reconciled even when nothing seems to happen.
@@ -41,6 +39,11 @@ MAX_NAME_LENGTH = 40
 class Role(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+
+    @property
+    def container(self) -> str:
+        """The container name of the role's pods, where its termination message is."""
+        return "trainer" if self is Role.TRAIN else "evaluator"
 
 
 class Phase(StrEnum):

@@ -1,4 +1,5 @@
-"""The CustomResourceDefinition, generated from the spec model so the two cannot disagree.
+"""The CustomResourceDefinition, generated from the spec and status models so the API cannot
+disagree with the operator and the pods.
 
     python -m embedtune.operator.crd > crds/embeddingfinetunes.embedtune.io.yaml
 
@@ -9,16 +10,22 @@ validations; they mirror `spec.cross_field_problems`, which stays the operator's
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
-from .constants import GROUP, KIND, PLURAL, SHORT_NAME, VERSION
+from pydantic import BaseModel
+
+from embedtune.trainer.contract import GROUP, PLURAL, VERSION
+
+from .constants import KIND, SHORT_NAME
 from .spec import EmbeddingFinetuneSpec
+from .status import FinetuneStatus
 
 # JSON-schema keywords a structural schema does not take, or that say nothing to a user.
 _DROPPED = {"title", "additionalProperties", "propertyNames", "$defs"}
 
-# (path of the object within spec, rule, message, fieldPath relative to the object)
+# (path of the object within spec, rule, message)
 _CEL_RULES: list[tuple[tuple[str, ...], str, str]] = [
     (
         (),
@@ -45,70 +52,6 @@ _CEL_RULES: list[tuple[tuple[str, ...], str, str]] = [
         "gate.metric: k must be one of kValues",
     ),
 ]
-
-_STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "Written by the operator; training progress and metrics by the job pods.",
-    "properties": {
-        "phase": {"type": "string", "enum": ["Pending", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"]},
-        "reason": {"type": "string"},
-        "message": {"type": "string"},
-        "phaseTime": {"type": "string", "format": "date-time"},
-        "observedGeneration": {"type": "integer"},
-        "runId": {"type": "string", "description": "metadata.generation that started the current run."},
-        "specFingerprint": {"type": "string", "description": "Identifies the spec the current run trains."},
-        "startTime": {"type": "string", "format": "date-time"},
-        "completionTime": {"type": "string", "format": "date-time"},
-        "conditions": {
-            "type": "array",
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                    "observedGeneration": {"type": "integer"},
-                },
-            },
-        },
-        "training": {
-            "type": "object",
-            "properties": {
-                "job": {"type": "string"},
-                "attempt": {"type": "integer"},
-                "restarts": {"type": "integer"},
-                "runId": {"type": "string"},
-                "step": {"type": "integer"},
-                "totalSteps": {"type": "integer"},
-                "epoch": {"type": "number"},
-                "loss": {"type": "number"},
-                "samplesPerSecond": {"type": "number"},
-                "etaSeconds": {"type": "integer"},
-            },
-        },
-        "checkpoint": {
-            "type": "object",
-            "properties": {"step": {"type": "integer"}, "uri": {"type": "string"}, "runId": {"type": "string"}},
-        },
-        "model": {"type": "object", "properties": {"uri": {"type": "string"}}},
-        "evaluation": {"type": "object", "properties": {"job": {"type": "string"}, "attempt": {"type": "integer"}}},
-        "metrics": {
-            "type": "object",
-            "description": "baseline, finetuned and delta: metric@k -> value.",
-            "x-kubernetes-preserve-unknown-fields": True,
-        },
-        "history": {
-            "type": "array",
-            "description": "The last runs, newest first (runPolicy.historyLimit).",
-            "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-    },
-}
 
 _PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -158,9 +101,14 @@ def structural_schema(node: Any, definitions: dict[str, Any]) -> Any:
     return result
 
 
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
+    # a JSON round trip unshares what references shared, so the YAML needs no anchors
+    return json.loads(json.dumps(structural_schema(raw, raw.get("$defs", {}))))
+
+
 def spec_schema() -> dict[str, Any]:
-    raw = EmbeddingFinetuneSpec.model_json_schema(by_alias=True)
-    schema = structural_schema(raw, raw.get("$defs", {}))
+    schema = model_schema(EmbeddingFinetuneSpec)
     for path, rule, message in _CEL_RULES:
         target = schema
         for part in path:
@@ -203,7 +151,7 @@ def build_crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema(),
-                                "status": _STATUS_SCHEMA,
+                                "status": model_schema(FinetuneStatus),
                             },
                         }
                     },

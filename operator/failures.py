@@ -1,18 +1,18 @@
 """Why a Job failed, read from the Job and its pods: the user's input, or the infrastructure.
 
 The trainer and the evaluator exit 2 when the input is wrong (retrying cannot help) and write
-`{"reason": ..., "message": ...}` to their termination message. Everything else (OOM kills,
-evictions, preemption, lost nodes, other exit codes) is infrastructure: worth a new attempt
-from the last checkpoint.
+a TerminationMessage (contract.py) saying why. Everything else (OOM kills, evictions,
+preemption, lost nodes, other exit codes) is infrastructure: worth a new attempt from the
+last checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from embedtune.trainer.contract import FailureClass, TerminationMessage
 from embedtune.trainer.errors import EXIT_INPUT_ERROR
 
 
@@ -94,9 +94,12 @@ def _pod_failure(pod: dict[str, Any], container: str) -> Failure | None:
         if not terminated or terminated.get("exitCode", 0) == 0:
             continue
         code = terminated["exitCode"]
-        reason, message = _termination_message(terminated)
-        if code == EXIT_INPUT_ERROR:
-            return Failure(FailureKind.INPUT, reason or "InputError", message or f"pod {name} exited 2")
+        text = (terminated.get("message") or "").strip()
+        report = TerminationMessage.parse(text)
+        # a crash leaves its log tail there (FallbackToLogsOnError) instead of a report
+        reason, message = (report.reason, report.describe()) if report else (None, text[-500:] or None)
+        if code == EXIT_INPUT_ERROR or (report is not None and report.failure is FailureClass.INPUT):
+            return Failure(FailureKind.INPUT, reason or "InputError", message or f"pod {name} exited {code}")
         if terminated.get("reason") == "OOMKilled":
             return Failure(FailureKind.INFRASTRUCTURE, "OOMKilled", f"pod {name}: out of memory (exit code {code})")
         return Failure(
@@ -105,17 +108,3 @@ def _pod_failure(pod: dict[str, Any], container: str) -> Failure | None:
             message or f"pod {name}: container {container} exited with code {code}",
         )
     return None
-
-
-def _termination_message(terminated: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The trainer's JSON report; a crash leaves the log tail (FallbackToLogsOnError) instead."""
-    text = (terminated.get("message") or "").strip()
-    if not text:
-        return None, None
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError:
-        return None, text[-500:]
-    if not isinstance(report, dict):
-        return None, text[-500:]
-    return report.get("reason"), report.get("message")

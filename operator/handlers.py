@@ -16,17 +16,16 @@ from typing import Any
 
 import kopf
 
+from embedtune.trainer.contract import GROUP, PLURAL, VERSION
+
 from . import metrics
 from .constants import (
     ANNOTATION_PREFIX,
     FINALIZER,
-    GROUP,
     LABEL_FINETUNE,
     LABEL_MANAGED_BY,
     MANAGED_BY,
-    PLURAL,
     RESYNC_SECONDS,
-    VERSION,
 )
 from .defaults import ClusterDefaults
 from .failures import job_failed

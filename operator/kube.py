@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-from .constants import GROUP, PLURAL, VERSION
+from embedtune.trainer.contract import GROUP, PLURAL, VERSION
 
 _PLURALS = {
     "ServiceAccount": "serviceaccounts",

@@ -19,30 +19,27 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedtune.trainer.contract import TrainingProgress
 from embedtune.trainer.errors import InputError
 
-from .constants import (
-    EVALUATOR_CONTAINER,
-    LABEL_RUN_ID,
-    TRAINER_CONTAINER,
-    Condition,
-    Phase,
-    Reason,
-)
+from .constants import LABEL_RUN_ID, Condition, Phase, Reason, Role
 from .defaults import ClusterDefaults
 from .failures import FailureKind, classify_failure, job_failed, job_succeeded
 from .render import (
+    JobLaunch,
     Run,
     build_evaluation_job,
     build_run_objects,
     evaluation_job_name,
     model_uri,
+    plan_evaluation,
+    plan_training,
     training_job_name,
 )
 from .spec import EmbeddingFinetuneSpec, parse_finetune
 
-# The trainer's progress fields, cleared when a new run starts.
-TRAINER_PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "etaSeconds", "runId")
+# The training pods' progress fields, cleared when a new run starts.
+TRAINER_PROGRESS_FIELDS = TrainingProgress.status_keys()
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
@@ -56,7 +53,8 @@ class Event:
 @dataclass
 class Plan:
     status: dict[str, Any] = field(default_factory=dict)
-    create: list[dict[str, Any]] = field(default_factory=list)
+    launches: list[JobLaunch] = field(default_factory=list)  # the Jobs to start
+    create: list[dict[str, Any]] = field(default_factory=list)  # their Kubernetes objects, and the run's
     delete_jobs: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
@@ -209,6 +207,8 @@ class _Planner:
             "model": self.status.get("model"),
             "metrics": self.status.get("metrics"),
         }
+        # a null inside a list item is stored as null, which the typed status schema refuses
+        entry = {key: value for key, value in entry.items() if value is not None}
         history = [entry, *(self.status.get("history") or [])][: spec.run_policy.history_limit]
         self.plan.status["history"] = history
         # A superseded run's Jobs stop now; its checkpoints stay in storage.
@@ -278,8 +278,10 @@ class _Planner:
                 warning=True,
             )
             return False
-        self.plan.create += build_run_objects(spec, run, spec.resources.image, attempt, deadline)
-        self.update_training(job=training_job_name(run, attempt))
+        launch = plan_training(spec, run, attempt, deadline)
+        self.plan.launches.append(launch)
+        self.plan.create += build_run_objects(spec, launch)
+        self.update_training(job=launch.name)
         return True
 
     def remaining_deadline(self, spec: EmbeddingFinetuneSpec) -> int | None:
@@ -294,7 +296,7 @@ class _Planner:
 
     def training_failed(self, spec: EmbeddingFinetuneSpec, run: Run, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
-        failure = classify_failure(job, self.pods_of(name), TRAINER_CONTAINER)
+        failure = classify_failure(job, self.pods_of(name), Role.TRAIN.container)
         if failure.kind is FailureKind.INPUT:
             self.set_phase(Phase.FAILED, Reason.INPUT_ERROR, f"{failure.reason}: {failure.message}", warning=True)
         elif not failure.retryable:
@@ -329,11 +331,13 @@ class _Planner:
         job = self.jobs.get(name)
         self.plan.status["evaluation"] = {"job": name, "attempt": attempt}
         if job is None:
-            self.plan.create.append(build_evaluation_job(spec, run, spec.resources.image, attempt))
+            launch = plan_evaluation(spec, run, attempt)
+            self.plan.launches.append(launch)
+            self.plan.create.append(build_evaluation_job(spec, launch))
         elif job_succeeded(job):
             self.evaluated(spec, name)
         elif job_failed(job):
-            failure = classify_failure(job, self.pods_of(name), EVALUATOR_CONTAINER)
+            failure = classify_failure(job, self.pods_of(name), Role.EVALUATE.container)
             if failure.retryable and attempt <= spec.run_policy.max_restarts:
                 # Evaluation starts over from the stored model; its retries have their own count.
                 self.plan.status["evaluation"] = {"job": evaluation_job_name(run, attempt + 1), "attempt": attempt + 1}

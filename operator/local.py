@@ -6,9 +6,10 @@ the same rendered objects. This module plays the parts Kubernetes plays there:
 - the API server: the resource (manifest, generation, status) is kept in storage next to its
   runs, `<storage>/<namespace>/<name>/resource.yaml`; a changed spec bumps the generation,
   which starts a new run, as `kubectl apply` would;
-- the Job controller and the kubelet: a training Job runs the trainer here (all local GPUs, or
-  CPU processes) on the config its ConfigMap carries, with the pod's `/scratch` mapped to a
-  local folder; an evaluation Job runs its own `embedtune evaluate` command;
+- the Job controller and the kubelet: each Job the planner launches (a typed `JobLaunch`, the
+  same one a cluster's Job is rendered from) runs its program here on its config: the trainer
+  on all local GPUs, or CPU processes, with the pod's `/scratch` mapped to a local folder; the
+  evaluator in one process;
 - the pods' status reports: progress and metrics are read from the files the jobs write.
 
 Ctrl-C makes the trainer store a checkpoint at the next step and stop; running the same
@@ -33,22 +34,22 @@ from typing import Any
 
 import yaml
 
+from embedtune.trainer.contract import (
+    EvaluationConfig,
+    MetricsReport,
+    Program,
+    ProgressFile,
+    TrainerConfig,
+    dump_config,
+)
 from embedtune.trainer.errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
 from embedtune.trainer.layout import join
 from embedtune.trainer.storage import open_storage
 
-from .constants import (
-    API_VERSION,
-    KIND,
-    LABEL_ROLE,
-    TRAINER_CONFIG_KEY,
-    Phase,
-    Reason,
-    Role,
-)
+from .constants import API_VERSION, KIND, Phase, Reason
 from .defaults import ClusterDefaults
 from .lifecycle import JOB_NAME_LABEL, plan_reconcile
-from .render import Run, metrics_key
+from .render import JobLaunch, Run, metrics_key
 from .spec import EmbeddingFinetuneSpec, parse_finetune
 
 logger = logging.getLogger(__name__)
@@ -137,24 +138,16 @@ def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
 
 @dataclass
 class LocalJob:
-    """A Job the planner created, and how it ended here."""
+    """A Job the planner launched, and how it ended here."""
 
-    manifest: dict[str, Any]
+    launch: JobLaunch
     exit_code: int | None = None
     termination_message: str = ""
     deadline_exceeded: bool = False
 
     @property
     def name(self) -> str:
-        return self.manifest["metadata"]["name"]
-
-    @property
-    def role(self) -> Role:
-        return Role(self.manifest["metadata"]["labels"][LABEL_ROLE])
-
-    @property
-    def container(self) -> dict[str, Any]:
-        return self.manifest["spec"]["template"]["spec"]["containers"][0]
+        return self.launch.name
 
     def observed(self) -> dict[str, Any]:
         """The Job as the planner reads it from the API."""
@@ -165,14 +158,15 @@ class LocalJob:
         else:
             reason = "DeadlineExceeded" if self.deadline_exceeded else "BackoffLimitExceeded"
             status = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason}]}
-        return {"metadata": self.manifest["metadata"], "status": status}
+        return {"metadata": {"name": self.name, "labels": self.launch.labels}, "status": status}
 
     def pod(self) -> dict[str, Any]:
         """Its pod, which tells the planner why it failed (exit code, termination message)."""
         terminated = {"exitCode": self.exit_code, "reason": "Error", "message": self.termination_message}
+        container = {"name": self.launch.role.container, "state": {"terminated": terminated}}
         return {
             "metadata": {"name": f"{self.name}-0", "labels": {JOB_NAME_LABEL: self.name}},
-            "status": {"containerStatuses": [{"name": self.container["name"], "state": {"terminated": terminated}}]},
+            "status": {"containerStatuses": [container]},
         }
 
 
@@ -184,7 +178,6 @@ class LocalRun:
     scratch: Path
     resource: dict[str, Any] = field(default_factory=dict)
     jobs: dict[str, LocalJob] = field(default_factory=dict)
-    trainer_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # ConfigMap name -> config
 
     @functools.cached_property
     def storage(self):  # one client for the whole command
@@ -239,11 +232,8 @@ class LocalRun:
             print(f"{event.type}: {event.reason.value}: {event.message}", file=sys.stderr)
         for name in plan.delete_jobs:
             self.jobs.pop(name, None)
-        for obj in plan.create:
-            if obj["kind"] == "ConfigMap" and TRAINER_CONFIG_KEY in obj["data"]:
-                self.trainer_configs[obj["metadata"]["name"]] = yaml.safe_load(obj["data"][TRAINER_CONFIG_KEY])
-            elif obj["kind"] == "Job":
-                self.jobs.setdefault(obj["metadata"]["name"], LocalJob(obj))
+        for launch in plan.launches:
+            self.jobs.setdefault(launch.name, LocalJob(launch))
         self.save()
 
     def next_job(self) -> LocalJob | None:
@@ -257,69 +247,63 @@ class LocalRun:
         work.mkdir(parents=True, exist_ok=True)
         termination_log = work / "termination-log"
         env = os.environ | {"PYTHONUNBUFFERED": "1", "EMBEDTUNE_TERMINATION_LOG": str(termination_log)}
-        if job.role is Role.TRAIN:
-            command = self.training_command(job, work)
+        config_file = work / job.launch.config_file
+        config_file.write_text(dump_config(self.local_config(job.launch.config, work)))
+        if job.launch.program is Program.TRAINER:
+            command = self.training_command(job, config_file)
         else:
-            command = self.evaluation_command(job)
-        deadline = job.manifest["spec"].get("activeDeadlineSeconds")
+            command = job.launch.program.command(str(config_file), python=sys.executable)
+        deadline = job.launch.deadline_seconds
         started = time.monotonic()
         # stdout is for the run's result; what the jobs print is progress, like their logs
         job.exit_code = run_child(command, env, timeout=deadline, stdout=sys.stderr)
         job.deadline_exceeded = deadline is not None and time.monotonic() - started >= deadline
         job.termination_message = termination_log.read_text() if termination_log.exists() else ""
-        if job.role is Role.TRAIN:
+        if job.launch.program is Program.TRAINER:
             self.report_training(work)
         elif job.exit_code == 0:
             self.report_metrics()
         return job.exit_code not in _INTERRUPTED_CODES
 
-    def training_command(self, job: LocalJob, work: Path) -> list[str]:
+    @staticmethod
+    def local_config(config: TrainerConfig | EvaluationConfig, work: Path) -> TrainerConfig | EvaluationConfig:
+        """The pod's config as this machine runs it: its emptyDir is a local folder, and what it
+        would patch into the status it leaves in files this executor reads (it is the API here)."""
+        update: dict[str, Any] = {"run": config.run.model_copy(update={"report_status": False})}
+        if isinstance(config, TrainerConfig):
+            update["work_dir"] = str(work)
+        return config.model_copy(update=update)
+
+    def training_command(self, job: LocalJob, config_file: Path) -> list[str]:
         from embedtune.trainer.launch import local_processes, local_trainer_command
 
-        volumes = job.manifest["spec"]["template"]["spec"]["volumes"]
-        config_map = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
-        # the pod's emptyDir is a local folder; progress goes to progress.json, not to an API
-        config = self.trainer_configs[config_map] | {"workDir": str(work)}
-        config["run"] = config["run"] | {"reportStatus": False}
-        path = work / TRAINER_CONFIG_KEY
-        path.write_text(yaml.safe_dump(config))
         nproc = self.options.nproc_per_node or local_processes()
         # spec.resources sizes cluster pods; here the machine's own devices decide
         print(f"training job {job.name}: {nproc} process(es) on this machine", file=sys.stderr)
-        return local_trainer_command(path, nproc)
-
-    def evaluation_command(self, job: LocalJob) -> list[str]:
-        """The Job's own `embedtune evaluate` command. In a cluster it patches the metrics into
-        the resource; here this executor is the API and reads them from metrics.json."""
-        command = list(job.container["command"])
-        at = command.index("--patch-status")
-        del command[at : at + 2]
-        return [sys.executable, "-m", "embedtune.operator.cli", *command[1:]]
+        return local_trainer_command(config_file, nproc)
 
     def report_training(self, work: Path) -> None:
         """What the trainer would have patched into the status: its progress, its checkpoint."""
         progress_file = work / "progress.json"
         if not progress_file.exists():
             return
-        progress = json.loads(progress_file.read_text())
-        run_id = {"runId": self.status["runId"]}
+        progress = ProgressFile.model_validate_json(progress_file.read_text())
+        run_id = self.status["runId"]
         patch = {}
-        if "training" in progress:
-            patch["training"] = {k: v for k, v in progress["training"].items() if k != "learningRate"} | run_id
-        if "checkpoint" in progress:
-            patch["checkpoint"] = progress["checkpoint"] | run_id
+        if progress.training is not None:
+            patch["training"] = progress.training.model_copy(update={"run_id": run_id}).to_status()
+        if progress.checkpoint is not None:
+            patch["checkpoint"] = progress.checkpoint.model_copy(update={"run_id": run_id}).to_dict()
         self.resource["status"] = merge_patch(self.status, patch)
 
     def report_metrics(self) -> None:
-        report = self.metrics_report()
-        self.resource["status"] = merge_patch(
-            self.status, {"metrics": {key: report[key] for key in ("baseline", "finetuned", "delta")}}
-        )
+        metrics = self.metrics_report().status().model_dump(by_alias=True)
+        self.resource["status"] = merge_patch(self.status, {"metrics": metrics})
 
-    def metrics_report(self) -> dict[str, Any] | None:
+    def metrics_report(self) -> MetricsReport | None:
         run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
         stored = self.storage.read_bytes(metrics_key(run))
-        return json.loads(stored) if stored else None
+        return MetricsReport.model_validate_json(stored) if stored else None
 
 
 def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOptions) -> int:
@@ -376,7 +360,7 @@ def print_summary(run: LocalRun) -> None:
 
     report = run.metrics_report() if run.status.get("metrics") else None
     if report is not None:
-        print(format_table(report, tuple(run.spec.evaluation.k_values)))
+        print(format_table(report, run.spec.evaluation.k_values))
     if run.status.get("model"):
         print(f"model: {run.status['model']['uri']}")
     print(f"resource: {run.storage.uri_for(run.resource_key)}")

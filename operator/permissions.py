@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import GROUP, PLURAL
+from embedtune.trainer.contract import GROUP, PLURAL
 
 PEERING_GROUP = "kopf.dev"
 

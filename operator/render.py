@@ -1,4 +1,10 @@
-"""The objects an EmbeddingFinetune becomes, as plain dicts. Pure functions, no I/O.
+"""What a run of an EmbeddingFinetune becomes. Pure functions, no I/O.
+
+First, typed launch plans (`plan_training`, `plan_evaluation`): which program runs with
+which config (contract.py), on how many processes, until when. A cluster and `embedtune run`
+both start jobs from these. Then the Kubernetes objects of a plan, as plain dicts: every
+builder takes `(spec, run)` or `(spec, launch)`; the image is `spec.resources.image`, which
+the cluster defaults have filled in.
 
 Names are deterministic (resource, run, attempt), so creating a child twice is a 409 and
 nothing else. Owner references are added by the caller (`kopf.adopt`), which knows the uid.
@@ -9,12 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from embedtune.trainer.config import RunIdentity, TrainerConfig
+from embedtune.trainer.contract import (
+    EVALUATION_CONFIG_FILE,
+    GROUP,
+    PLURAL,
+    TRAINER_CONFIG_FILE,
+    EncodingSettings,
+    EvaluationConfig,
+    Program,
+    RunIdentity,
+    TrainerConfig,
+    dump_config,
+)
 from embedtune.trainer.layout import RunLayout, join
 
 from .constants import (
-    EVALUATOR_CONTAINER,
-    GROUP,
+    CONFIG_DIR,
     LABEL_ATTEMPT,
     LABEL_FINETUNE,
     LABEL_MANAGED_BY,
@@ -22,10 +38,6 @@ from .constants import (
     LABEL_RUN_ID,
     MANAGED_BY,
     MASTER_PORT,
-    PLURAL,
-    TRAINER_CONFIG_DIR,
-    TRAINER_CONFIG_KEY,
-    TRAINER_CONTAINER,
     Role,
 )
 from .spec import EmbeddingFinetuneSpec
@@ -46,13 +58,19 @@ class Run:
     def layout(self) -> RunLayout:
         return RunLayout(self.namespace, self.name, self.run_id)
 
+    def identity(self, *, report_status: bool = True) -> RunIdentity:
+        return RunIdentity(namespace=self.namespace, name=self.name, run_id=self.run_id, report_status=report_status)
 
-def service_account_name(name: str) -> str:
-    return f"{name}-embedtune"
+
+# --- names and storage locations -----------------------------------------------------------
 
 
-def service_name(name: str) -> str:
-    return f"{name}-train"
+def service_account_name(run: Run) -> str:
+    return f"{run.name}-embedtune"
+
+
+def service_name(run: Run) -> str:
+    return f"{run.name}-train"
 
 
 def config_map_name(run: Run) -> str:
@@ -92,8 +110,96 @@ def metrics_key(run: Run) -> str:
     return join(run.layout.run_prefix, "metrics.json")
 
 
-def metrics_uri(spec: EmbeddingFinetuneSpec, run: Run) -> str:
-    return storage_uri(spec, metrics_key(run))
+# --- the pods' configs and the launch plans ------------------------------------------------
+
+
+def trainer_config(spec: EmbeddingFinetuneSpec, run: Run) -> TrainerConfig:
+    return TrainerConfig(
+        model=spec.model,
+        data=spec.data.for_trainer(),
+        training=spec.training,
+        checkpoint=spec.checkpoint,
+        storage=spec.storage,
+        run=run.identity(),
+        work_dir=WORK_DIR,
+    )
+
+
+def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig:
+    """Base vs fine-tuned, both encoded with the resource's model settings: the base model
+    exactly as the fine-tuned one was trained."""
+    return EvaluationConfig(
+        model=model_uri(spec, run),
+        baseline=spec.model.base,
+        eval_set=eval_set_uri(spec, run),
+        k_values=spec.evaluation.k_values,
+        encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base"})),
+        output=storage_uri(spec, metrics_key(run)),
+        storage=spec.storage.access(),
+        run=run.identity(),
+    )
+
+
+@dataclass(frozen=True)
+class JobLaunch:
+    """One Job of a run as both executors start it: a cluster (`build_*_job`) and
+    `embedtune run` (local processes) read nothing else."""
+
+    name: str
+    role: Role
+    run: Run
+    attempt: int
+    program: Program
+    config: TrainerConfig | EvaluationConfig
+    nodes: int
+    processes_per_node: int
+    gpus_per_node: int
+    deadline_seconds: int | None
+
+    @property
+    def config_file(self) -> str:
+        return TRAINER_CONFIG_FILE if self.program is Program.TRAINER else EVALUATION_CONFIG_FILE
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return build_labels(self.run.name, self.run.run_id, self.role) | {LABEL_ATTEMPT: str(self.attempt)}
+
+
+def plan_training(
+    spec: EmbeddingFinetuneSpec, run: Run, attempt: int, deadline_seconds: int | None = None
+) -> JobLaunch:
+    """torchrun over `nodes` pods of `gpusPerNode` processes (one CPU process without GPUs)."""
+    gpus = spec.resources.gpus_per_node
+    return JobLaunch(
+        name=training_job_name(run, attempt),
+        role=Role.TRAIN,
+        run=run,
+        attempt=attempt,
+        program=Program.TRAINER,
+        config=trainer_config(spec, run),
+        nodes=spec.resources.nodes,
+        processes_per_node=gpus or 1,
+        gpus_per_node=gpus,
+        deadline_seconds=deadline_seconds,
+    )
+
+
+def plan_evaluation(spec: EmbeddingFinetuneSpec, run: Run, attempt: int) -> JobLaunch:
+    return JobLaunch(
+        name=evaluation_job_name(run, attempt),
+        role=Role.EVALUATE,
+        run=run,
+        attempt=attempt,
+        program=Program.EVALUATOR,
+        config=evaluation_config(spec, run),
+        nodes=1,
+        processes_per_node=1,
+        gpus_per_node=spec.evaluation.gpus,
+        deadline_seconds=None,
+    )
+
+
+# --- Kubernetes objects --------------------------------------------------------------------
 
 
 def build_labels(name: str, run_id: str | None = None, role: Role | None = None) -> dict[str, str]:
@@ -109,77 +215,67 @@ def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, An
     return {"name": name, "namespace": namespace, "labels": labels}
 
 
-def build_trainer_config(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
-    config = TrainerConfig(
-        model=spec.model,
-        data=spec.data.for_trainer(),
-        training=spec.training,
-        checkpoint=spec.checkpoint,
-        storage=spec.storage,
-        run=RunIdentity(namespace=run.namespace, name=run.name, run_id=run.run_id, report_status=True),
-        work_dir=WORK_DIR,
-    )
-    return config.to_dict()
-
-
 def build_config_map(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
-    import yaml
-
+    """The configs of both of the run's programs; each Job mounts it at CONFIG_DIR."""
+    data = {TRAINER_CONFIG_FILE: dump_config(trainer_config(spec, run))}
+    if spec.evaluation.enabled:
+        data[EVALUATION_CONFIG_FILE] = dump_config(evaluation_config(spec, run))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(config_map_name(run), run.namespace, build_labels(run.name, run.run_id)),
-        "data": {TRAINER_CONFIG_KEY: yaml.safe_dump(build_trainer_config(spec, run), sort_keys=False)},
+        "data": data,
     }
 
 
-def build_service(namespace: str, name: str) -> dict[str, Any]:
+def build_service(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
     """Headless, so every training pod gets a DNS name `<job>-<index>.<service>`; torchrun's
     rendezvous needs pod 0's before it is ready, hence publishNotReadyAddresses."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(service_name(name), namespace, build_labels(name)),
+        "metadata": _metadata(service_name(run), run.namespace, build_labels(run.name)),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": build_labels(name, role=Role.TRAIN),
+            "selector": build_labels(run.name, role=Role.TRAIN),
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
         },
     }
 
 
-def build_service_account(namespace: str, name: str, spec: EmbeddingFinetuneSpec) -> dict[str, Any]:
-    metadata = _metadata(service_account_name(name), namespace, build_labels(name))
+def build_service_account(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
+    metadata = _metadata(service_account_name(run), run.namespace, build_labels(run.name))
     if spec.resources.service_account_annotations:
         metadata["annotations"] = dict(spec.resources.service_account_annotations)
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
 
 
-def build_status_role(namespace: str, name: str) -> dict[str, Any]:
+def build_status_role(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
     """The job pods may read and patch this one resource's status, nothing else."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(service_account_name(name), namespace, build_labels(name)),
+        "metadata": _metadata(service_account_name(run), run.namespace, build_labels(run.name)),
         "rules": [
             {
                 "apiGroups": [GROUP],
                 "resources": [f"{PLURAL}/status"],
-                "resourceNames": [name],
+                "resourceNames": [run.name],
                 "verbs": ["get", "patch"],
             }
         ],
     }
 
 
-def build_status_role_binding(namespace: str, name: str) -> dict[str, Any]:
+def build_status_role_binding(spec: EmbeddingFinetuneSpec, run: Run) -> dict[str, Any]:
+    name = service_account_name(run)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _metadata(service_account_name(name), namespace, build_labels(name)),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": service_account_name(name)},
-        "subjects": [{"kind": "ServiceAccount", "name": service_account_name(name), "namespace": namespace}],
+        "metadata": _metadata(name, run.namespace, build_labels(run.name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": run.namespace}],
     }
 
 
@@ -202,10 +298,6 @@ def _pod_security_context() -> dict[str, Any]:
         "fsGroup": _USER_ID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-
-
-def _container_security_context() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def _container_resources(spec: EmbeddingFinetuneSpec, gpus: int) -> dict[str, Any]:
@@ -233,194 +325,98 @@ def _pod_placement(spec: EmbeddingFinetuneSpec) -> dict[str, Any]:
     return placement
 
 
-def _job(
-    name: str,
-    run: Run,
-    role: Role,
-    *,
-    completions: int,
-    pod_spec: dict[str, Any],
-    extra_labels: dict[str, str],
-    deadline_seconds: int | None,
-) -> dict[str, Any]:
-    labels = build_labels(run.name, run.run_id, role) | extra_labels
-    job_spec: dict[str, Any] = {
-        "completions": completions,
-        "parallelism": completions,
-        # Restarts are the operator's: it classifies a failure before retrying from a checkpoint.
-        "backoffLimit": 0,
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-    }
-    if deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(name, run.namespace, labels),
-        "spec": job_spec,
-    }
-
-
-def _pod_spec(
-    spec: EmbeddingFinetuneSpec, run: Run, container: dict[str, Any], volumes: list[dict[str, Any]]
-) -> dict[str, Any]:
-    container |= {
-        "securityContext": _container_security_context(),
-        # The trainer writes its reason there; logs are the fallback for crashes.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    return {
-        "restartPolicy": "Never",
-        "serviceAccountName": service_account_name(run.name),
-        "securityContext": _pod_security_context(),
-        "containers": [container],
-        "volumes": volumes,
-    } | _pod_placement(spec)
-
-
-def build_training_job(
-    spec: EmbeddingFinetuneSpec, run: Run, attempt: int, image: str, deadline_seconds: int | None = None
-) -> dict[str, Any]:
-    """Indexed Job: pod i is torchrun node i; pod 0 hosts the rendezvous."""
-    name = training_job_name(run, attempt)
-    nodes, gpus = spec.resources.nodes, spec.resources.gpus_per_node
-    command = [
-        "python",
-        "-m",
-        "embedtune.trainer.launch",
-        "--nnodes",
-        str(nodes),
-        "--nproc-per-node",
-        str(gpus or 1),  # no GPU: one CPU process per pod
-        "--node-rank",
-        "$(JOB_COMPLETION_INDEX)",
-        "--master-addr",
-        f"{name}-0.{service_name(run.name)}",
-        "--master-port",
-        str(MASTER_PORT),
-        "-m",
-        "embedtune.trainer",
-        "--config",
-        f"{TRAINER_CONFIG_DIR}/{TRAINER_CONFIG_KEY}",
-    ]
-    env = [
-        # Declared so Kubernetes expands $(JOB_COMPLETION_INDEX) in the command.
-        {
-            "name": "JOB_COMPLETION_INDEX",
-            "valueFrom": {
-                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-            },
-        },
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
-        *_storage_env(spec),
-    ]
+def _job(spec: EmbeddingFinetuneSpec, launch: JobLaunch, command: list[str]) -> dict[str, Any]:
+    """A Job running `command` in one container per pod, with the run's configs at CONFIG_DIR."""
     container = {
-        "name": TRAINER_CONTAINER,
-        "image": image,
+        "name": launch.role.container,
+        "image": spec.resources.image,
         "command": command,
-        "env": env,
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
-        "resources": _container_resources(spec, gpus),
-        "volumeMounts": [
-            {"name": "config", "mountPath": TRAINER_CONFIG_DIR, "readOnly": True},
-            {"name": "scratch", "mountPath": WORK_DIR},
-            {"name": "shm", "mountPath": "/dev/shm"},
-        ],
-    }
-    volumes = [
-        {"name": "config", "configMap": {"name": config_map_name(run)}},
-        {"name": "scratch", "emptyDir": {}},
-        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
-    ]
-    # on SIGTERM the trainer finishes its step and stores a checkpoint; torchrun allows it 30 s
-    pod_spec = _pod_spec(spec, run, container, volumes) | {
-        "subdomain": service_name(run.name),
-        "terminationGracePeriodSeconds": 60,
-    }
-    job = _job(
-        name,
-        run,
-        Role.TRAIN,
-        completions=nodes,
-        pod_spec=pod_spec,
-        extra_labels={LABEL_ATTEMPT: str(attempt)},
-        deadline_seconds=deadline_seconds,
-    )
-    job["spec"]["completionMode"] = "Indexed"
-    return job
-
-
-def build_evaluation_command(spec: EmbeddingFinetuneSpec, run: Run, namespace_name: str) -> list[str]:
-    command = [
-        "embedtune",
-        "evaluate",
-        "--model",
-        model_uri(spec, run),
-        "--baseline",
-        spec.model.base,
-        "--eval-set",
-        eval_set_uri(spec, run),
-        "--k",
-        ",".join(str(k) for k in spec.evaluation.k_values),
-        "--output",
-        metrics_uri(spec, run),
-        "--patch-status",
-        namespace_name,
-        # the same encoding for both models: the base model as the fine-tuned one was trained
-        "--pooling",
-        spec.model.pooling,
-        "--normalize" if spec.model.normalize else "--no-normalize",
-        "--query-max-length",
-        str(spec.model.query_max_length),
-        "--passage-max-length",
-        str(spec.model.passage_max_length),
-    ]
-    if spec.model.query_instruction:
-        command += ["--query-instruction", spec.model.query_instruction]
-    if spec.model.passage_instruction:
-        command += ["--passage-instruction", spec.model.passage_instruction]
-    if spec.storage.endpoint:
-        command += ["--storage-endpoint", spec.storage.endpoint]
-    if spec.storage.region:
-        command += ["--storage-region", spec.storage.region]
-    return command
-
-
-def build_evaluation_job(spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1) -> dict[str, Any]:
-    container = {
-        "name": EVALUATOR_CONTAINER,
-        "image": image,
-        "command": build_evaluation_command(spec, run, f"{run.namespace}/{run.name}"),
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
             *_storage_env(spec),
         ],
-        "resources": _container_resources(spec, spec.evaluation.gpus),
-        "volumeMounts": [{"name": "scratch", "mountPath": WORK_DIR}],
+        "resources": _container_resources(spec, launch.gpus_per_node),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": WORK_DIR},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # The programs write their TerminationMessage there; logs are the fallback for crashes.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    pod_spec = _pod_spec(spec, run, container, [{"name": "scratch", "emptyDir": {}}])
-    return _job(
-        evaluation_job_name(run, attempt),
-        run,
-        Role.EVALUATE,
-        completions=1,
-        pod_spec=pod_spec,
-        extra_labels={LABEL_ATTEMPT: str(attempt)},
-        deadline_seconds=None,
-    )
+    pod_spec = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account_name(launch.run),
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(launch.run)}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    } | _pod_placement(spec)
+    job_spec: dict[str, Any] = {
+        "completions": launch.nodes,
+        "parallelism": launch.nodes,
+        # Restarts are the operator's: it classifies a failure before retrying from a checkpoint.
+        "backoffLimit": 0,
+        "template": {"metadata": {"labels": launch.labels}, "spec": pod_spec},
+    }
+    if launch.deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = launch.deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(launch.name, launch.run.namespace, launch.labels),
+        "spec": job_spec,
+    }
 
 
-def build_run_objects(
-    spec: EmbeddingFinetuneSpec, run: Run, image: str, attempt: int = 1, deadline_seconds: int | None = None
-) -> list[dict[str, Any]]:
+def build_training_job(spec: EmbeddingFinetuneSpec, launch: JobLaunch) -> dict[str, Any]:
+    """Indexed Job: pod i is torchrun node i; pod 0 hosts the rendezvous."""
+    command = [
+        "python",
+        "-m",
+        "embedtune.trainer.launch",
+        "--nnodes",
+        str(launch.nodes),
+        "--nproc-per-node",
+        str(launch.processes_per_node),
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--master-addr",
+        f"{launch.name}-0.{service_name(launch.run)}",
+        "--master-port",
+        str(MASTER_PORT),
+        *launch.program.arguments(f"{CONFIG_DIR}/{launch.config_file}"),
+    ]
+    job = _job(spec, launch, command)
+    job["spec"]["completionMode"] = "Indexed"
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    # Declared so Kubernetes expands $(JOB_COMPLETION_INDEX) in the command.
+    completion_index = {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    container["env"].insert(0, {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": completion_index}})
+    container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
+    pod["volumes"].append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
+    # on SIGTERM the trainer finishes its step and stores a checkpoint; torchrun allows it 30 s
+    pod |= {"subdomain": service_name(launch.run), "terminationGracePeriodSeconds": 60}
+    return job
+
+
+def build_evaluation_job(spec: EmbeddingFinetuneSpec, launch: JobLaunch) -> dict[str, Any]:
+    return _job(spec, launch, launch.program.command(f"{CONFIG_DIR}/{launch.config_file}"))
+
+
+def build_run_objects(spec: EmbeddingFinetuneSpec, training: JobLaunch) -> list[dict[str, Any]]:
     """Everything a run needs before its training Job starts, then the Job itself."""
+    run = training.run
     return [
-        build_service_account(run.namespace, run.name, spec),
-        build_status_role(run.namespace, run.name),
-        build_status_role_binding(run.namespace, run.name),
-        build_service(run.namespace, run.name),
+        build_service_account(spec, run),
+        build_status_role(spec, run),
+        build_status_role_binding(spec, run),
+        build_service(spec, run),
         build_config_map(spec, run),
-        build_training_job(spec, run, attempt, image, deadline_seconds),
+        build_training_job(spec, training),
     ]

@@ -1,18 +1,16 @@
-"""The trainer's configuration: the file `torchrun` hands to every rank.
+"""The settings sections of an EmbeddingFinetune that the pods use: model, data, training,
+checkpoint, storage.
 
-The operator renders it from an EmbeddingFinetune's spec, and `embedtune run` does the same
-locally, so the sections that mirror the resource (model, data, training, checkpoint,
-storage) are defined once, here, on the side that uses them. Field names are camelCase
-like the Kubernetes resource; Python code uses the snake_case attributes.
+The resource's spec (operator/spec.py) is made of these classes, and so are the configs the
+operator hands to the pods (contract.py), so a setting is defined once, here, on the side
+that uses it. Field names are camelCase like the Kubernetes resource; Python code uses the
+snake_case attributes.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,8 +20,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-
-from .errors import InputError
 
 
 class CamelModel(BaseModel):
@@ -187,35 +183,23 @@ class CheckpointSpec(CamelModel):
     keep: int = Field(3, ge=1, description="Complete checkpoints kept in storage; older ones are pruned.")
 
 
-class StorageSpec(CamelModel):
+class StorageAccess(CamelModel):
+    """How a pod reaches storage; every pod that reads or writes storage gets these settings."""
+
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph ...); AWS when unset.")
+    region: str | None = Field(None, description="S3 region; the environment's when unset.")
+
+
+class StorageSpec(StorageAccess):
     """Where checkpoints, the held-out set, the model and metrics.json are stored."""
 
     uri: str = Field(description="s3://bucket/prefix, file:///path or a local path.")
-    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph ...); AWS when unset.")
-    region: str | None = Field(None, description="S3 region; the environment's when unset.")
     credentials_secret: str | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (used by the operator)."
     )
 
-
-class RunIdentity(CamelModel):
-    namespace: str = "default"
-    name: str = "local"
-    run_id: str = "1"
-    report_status: bool = Field(
-        False, description="Patch the EmbeddingFinetune's status with progress (inside the cluster)."
-    )
-
-
-class TrainerConfig(CamelModel):
-    model: ModelSpec
-    data: DataSpec
-    training: TrainingSpec = TrainingSpec()
-    checkpoint: CheckpointSpec = CheckpointSpec()
-    storage: StorageSpec
-    run: RunIdentity = RunIdentity()
-    work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")
-    progress_interval_seconds: float = Field(5.0, gt=0, description="Minimum time between progress reports.")
+    def access(self) -> StorageAccess:
+        return StorageAccess.model_validate(self.model_dump(include=set(StorageAccess.model_fields)))
 
 
 def problems_from_validation_error(error: ValidationError, root: str) -> list[str]:
@@ -228,20 +212,3 @@ def problems_from_validation_error(error: ValidationError, root: str) -> list[st
             message = "unknown field"
         lines.append(f"{path}: {message}")
     return lines
-
-
-def load_trainer_config(path: str | Path) -> TrainerConfig:
-    """Read a JSON or YAML trainer config; InputError lists every invalid field."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read trainer config {path}: {exc.strerror}") from exc
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-    try:
-        return TrainerConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise InputError(f"{path}: invalid trainer config", problems_from_validation_error(exc, "config")) from exc

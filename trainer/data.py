@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".json")
 PASSAGE_LISTS = ("pos", "neg")
 SCORE_LISTS = {"pos_scores": "pos", "neg_scores": "neg"}
-# Report at most this many problems in logs/termination messages; check-data prints all.
-REPORT_LIMIT = 200
 
 
 @dataclass

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ModelSpec
+from .contract import EncodePrecision
 from .errors import InputError
 from .export import build_sentence_transformer
 
-EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]
 # sentence-transformers' pooling names -> ours (ModelSpec.pooling)
 _SPEC_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "lastToken"}
 

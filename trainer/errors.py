@@ -7,17 +7,10 @@ treated as infrastructure and retried from the last checkpoint.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
-
-# Kubernetes surfaces this file as the container's termination message, which is how the
-# operator learns *why* a pod failed without reading its logs.
-TERMINATION_LOG = Path(os.environ.get("EMBEDTUNE_TERMINATION_LOG", "/dev/termination-log"))
 
 
 class InputError(Exception):
@@ -34,12 +27,3 @@ class InputError(Exception):
         if limit is not None and len(self.problems) > limit:
             lines.append(f"... and {len(self.problems) - limit} more problems")
         return "\n".join(lines)
-
-
-def write_termination_message(message: str) -> None:
-    """Best effort: only exists inside a Kubernetes container; the limit there is 4 KiB."""
-    if TERMINATION_LOG.parent.is_dir() and (TERMINATION_LOG.exists() or "EMBEDTUNE_TERMINATION_LOG" in os.environ):
-        try:
-            TERMINATION_LOG.write_text(message[:4000])
-        except OSError:
-            pass

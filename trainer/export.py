@@ -10,9 +10,10 @@ from pathlib import Path
 
 from .config import ModelSpec
 
-# Written next to the sentence-transformers files: what evaluation needs to encode the
-# way training did (sentence-transformers keeps one prompt per task but no passage length).
-EMBEDTUNE_MODEL_CARD = "embedtune.json"
+# Written next to the sentence-transformers files: how the model was made (its settings, the
+# run, the base model), for people and tools; loaders do not read it (the sentence-transformers
+# config carries pooling, normalization, prompts and lengths).
+TRAINING_RECORD = "embedtune.json"
 
 _ST_POOLING = {"cls": "cls", "mean": "mean", "lastToken": "lasttoken"}
 
@@ -22,7 +23,7 @@ def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir))
     card = {"model": spec.to_dict()} | (extra or {})
-    (out_dir / EMBEDTUNE_MODEL_CARD).write_text(json.dumps(card, indent=2))
+    (out_dir / TRAINING_RECORD).write_text(json.dumps(card, indent=2))
     return out_dir
 
 

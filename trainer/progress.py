@@ -7,36 +7,15 @@ trainer. Progress reports are throttled; checkpoint events always go through.
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .contract import CheckpointStatus, ProgressFile, TrainingProgress
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainingProgress:
-    step: int
-    total_steps: int
-    epoch: float
-    loss: float | None
-    learning_rate: float | None
-    samples_per_second: float | None
-    eta_seconds: float | None
-
-    def to_status(self) -> dict:
-        """The shape of the resource's `status.training` fields."""
-        status = {"step": self.step, "totalSteps": self.total_steps, "epoch": round(self.epoch, 3)}
-        if self.loss is not None:
-            status["loss"] = round(self.loss, 5)
-        if self.samples_per_second is not None:
-            status["samplesPerSecond"] = round(self.samples_per_second, 2)
-        if self.eta_seconds is not None:
-            status["etaSeconds"] = int(self.eta_seconds)
-        return status
 
 
 class ProgressReporter(Protocol):
@@ -67,25 +46,29 @@ class LogReporter:
 
 
 class JsonFileReporter:
-    """Keeps the latest progress and checkpoint in one JSON file (atomically replaced)."""
+    """Keeps the latest progress and checkpoint in one JSON file (atomically replaced).
+
+    Progress comes from the training loop, checkpoints from the upload thread: one lock
+    orders the updates, so neither write loses the other's part."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.state: dict = {}
+        self.state = ProgressFile()
+        self._lock = threading.Lock()
 
-    def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".tmp-{self.path.name}")
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.path)
+    def _update(self, **sections) -> None:
+        with self._lock:
+            self.state = self.state.model_copy(update=sections)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".tmp-{self.path.name}")
+            tmp.write_text(self.state.model_dump_json(by_alias=True, exclude_none=True))
+            tmp.replace(self.path)
 
     def training_progress(self, progress: TrainingProgress) -> None:
-        self.state["training"] = progress.to_status() | {"learningRate": progress.learning_rate}
-        self._write()
+        self._update(training=progress)
 
     def checkpoint_stored(self, step: int, uri: str) -> None:
-        self.state["checkpoint"] = {"step": step, "uri": uri}
-        self._write()
+        self._update(checkpoint=CheckpointStatus(step=step, uri=uri))
 
 
 class ThrottledReporter:

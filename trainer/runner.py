@@ -35,7 +35,7 @@ from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .checkpoints import CheckpointUploader
-from .config import TrainerConfig
+from .contract import TrainerConfig
 from .errors import InputError
 from .progress import ThrottledReporter, progress_from_log
 

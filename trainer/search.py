@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 
-IndexKind = Literal["exact", "ivf", "hnsw"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("exact", "ivf", "hnsw")
+from .contract import IndexKind
+
+INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
 # HNSW graph degree and search breadth; IVF lists probed per query (of about 4*sqrt(n)).
 # Their recall@10 against exact depends on the data: 0.90-0.99 (HNSW) and 0.80-0.91 (IVF)
 # on 100k x 384 vectors of intrinsic dimension 64-32, see docs/benchmarks.md.

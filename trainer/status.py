@@ -2,20 +2,16 @@
 
 The training job (progress, checkpoints) and the evaluation job (metrics) patch the
 status subresource of the resource they work for; their service account may patch only
-that. The operator owns the rest of the status and reads these fields.
+that. The operator owns the rest of the status and reads these sections (contract.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from .progress import TrainingProgress
+from .contract import GROUP, PLURAL, VERSION, CheckpointStatus, RunIdentity, StatusMetrics, TrainingProgress
 
 logger = logging.getLogger(__name__)
-
-GROUP = "embedtune.io"
-VERSION = "v1alpha1"
-PLURAL = "embeddingfinetunes"
 
 
 def _custom_objects_api():
@@ -34,20 +30,26 @@ def patch_resource_status(namespace: str, name: str, status: dict, *, api=None) 
     api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
 
+def patch_status_metrics(run: RunIdentity, metrics: StatusMetrics, *, api=None) -> None:
+    """The evaluation's result into the resource's `status.metrics`; an unset section is sent
+    as null, so the merge patch removes what an earlier run left there."""
+    patch_resource_status(run.namespace, run.name, {"metrics": metrics.model_dump(by_alias=True)}, api=api)
+
+
 class KubernetesStatusReporter:
     """A ProgressReporter that writes `status.training` and `status.checkpoint` for one run.
 
     Every patch carries the runId, so the operator can ignore reports of a superseded run."""
 
-    def __init__(self, namespace: str, name: str, run_id: str, *, api=None):
-        self.namespace, self.name, self.run_id = namespace, name, run_id
+    def __init__(self, run: RunIdentity, *, api=None):
+        self.run = run
         self.api = api or _custom_objects_api()
 
     def training_progress(self, progress: TrainingProgress) -> None:
-        self._patch({"training": progress.to_status() | {"runId": self.run_id}})
+        self._patch({"training": progress.model_copy(update={"run_id": self.run.run_id}).to_status()})
 
     def checkpoint_stored(self, step: int, uri: str) -> None:
-        self._patch({"checkpoint": {"step": step, "uri": uri, "runId": self.run_id}})
+        self._patch({"checkpoint": CheckpointStatus(step=step, uri=uri, run_id=self.run.run_id).to_dict()})
 
     def _patch(self, status: dict) -> None:
-        patch_resource_status(self.namespace, self.name, status, api=self.api)
+        patch_resource_status(self.run.namespace, self.run.name, status, api=self.api)

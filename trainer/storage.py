@@ -231,10 +231,6 @@ class S3Storage(Storage):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
 
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
 def open_storage(uri: str, *, endpoint: str | None = None, region: str | None = None) -> Storage:
     """`s3://bucket/prefix`, `file:///path` or a plain local path."""
     parsed = urlparse(uri)

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainerConfig, load_trainer_config
-from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError, write_termination_message
+from .contract import FailureClass, TerminationMessage, TrainerConfig, load_config
+from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
 from .layout import RunLayout, checkpoint_dir_name
 from .progress import JsonFileReporter, LogReporter, ProgressReporter, ThrottledReporter
 from .storage import fetch_to_local, open_storage
@@ -49,7 +49,6 @@ class TrainingStopped(Exception):
 class TrainResult:
     model_uri: str | None
     eval_uri: str | None
-    resumed_from_step: int | None
     final_step: int
 
 
@@ -92,7 +91,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
 
     if is_published(storage, layout.model_prefix):  # a pod restarted after the run had finished
         logger.info("run %s is already complete: %s", layout.run_prefix, storage.uri_for(layout.model_prefix))
-        return TrainResult(storage.uri_for(layout.model_prefix), None, None, -1)
+        return TrainResult(storage.uri_for(layout.model_prefix), None, -1)
 
     resumed: tuple[int, bool] | None = None  # (step, training finished at that step)
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
@@ -146,7 +145,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
             output_dir / checkpoint_dir_name(final_step),
             {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
         )
-    return TrainResult(model_uri, eval_uri, resumed[0] if resumed else None, final_step)
+    return TrainResult(model_uri, eval_uri, final_step)
 
 
 def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -> tuple[int, bool] | None:
@@ -230,7 +229,7 @@ def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:
         return []
     from .status import KubernetesStatusReporter
 
-    return [KubernetesStatusReporter(config.run.namespace, config.run.name, config.run.run_id)]
+    return [KubernetesStatusReporter(config.run)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,22 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_trainer_config(args.config)
+        config = load_config(args.config, TrainerConfig)
         result = train(config, reporters=_cluster_reporters(config))
     except InputError as exc:
         logger.error("%s", exc.report(limit=50))
-        write_termination_message(json.dumps({"reason": "InputError", "message": exc.report(limit=20)}))
+        TerminationMessage.of_input_error(exc).write()
         return EXIT_INPUT_ERROR
     except TrainingStopped as exc:
         logger.warning("%s", exc)
-        write_termination_message(json.dumps({"reason": "Stopped", "message": str(exc)}))
+        TerminationMessage(reason="Stopped", failure=FailureClass.STOPPED, message=str(exc)).write()
         return exc.exit_code
     except KeyboardInterrupt:
         logger.warning("interrupted before training started; nothing to save")
         return EXIT_INTERRUPTED
     except Exception as exc:
         logger.exception("training failed")
-        write_termination_message(json.dumps({"reason": type(exc).__name__, "message": str(exc)[:2000]}))
+        TerminationMessage(
+            reason=type(exc).__name__, failure=FailureClass.INFRASTRUCTURE, message=str(exc)[:2000]
+        ).write()
         return EXIT_FAILURE
     if result.model_uri:
         print(json.dumps({"model": result.model_uri, "eval": result.eval_uri, "step": result.final_step}))

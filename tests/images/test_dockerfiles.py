@@ -13,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from embedtune.operator.render import Run, build_evaluation_job, build_training_job
+from embedtune.operator.render import Run, build_evaluation_job, build_training_job, plan_evaluation, plan_training
 from embedtune.operator.spec import parse_finetune
 from support.chart import ROOT, objects_of, render_chart
 from support.finetunes import minimal_manifest
@@ -151,8 +151,10 @@ def test_entrypoint_is_a_console_script_of_the_package(image):
 def test_the_modules_the_jobs_run_exist_in_the_trainer_package():
     spec, run = parse_finetune(minimal_manifest()), Run("ml", "tiny", "1")
     commands = [
-        build_training_job(spec, run, 1, "img")["spec"]["template"]["spec"]["containers"][0]["command"],
-        build_evaluation_job(spec, run, "img")["spec"]["template"]["spec"]["containers"][0]["command"],
+        build_training_job(spec, plan_training(spec, run, 1))["spec"]["template"]["spec"]["containers"][0]["command"],
+        build_evaluation_job(spec, plan_evaluation(spec, run, 1))["spec"]["template"]["spec"]["containers"][0][
+            "command"
+        ],
     ]
     modules = [command[index + 1] for command in commands for index, word in enumerate(command) if word == "-m"]
     assert modules
@@ -169,7 +171,8 @@ def test_image_runs_as_the_non_root_uid_the_pods_ask_for(image):
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "a numeric uid, so Kubernetes can verify runAsNonRoot"
     if image == "trainer":
-        job = build_training_job(parse_finetune(minimal_manifest()), Run("ml", "tiny", "1"), 1, "img")
+        spec = parse_finetune(minimal_manifest())
+        job = build_training_job(spec, plan_training(spec, Run("ml", "tiny", "1"), 1))
         pod_security = job["spec"]["template"]["spec"]["securityContext"]
     else:
         pod_security = objects_of(render_chart(), "Deployment")[0]["spec"]["template"]["spec"]["securityContext"]

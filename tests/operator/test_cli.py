@@ -64,12 +64,17 @@ def test_render_applies_the_operators_storage_defaults(tmp_path, capsys):
         )
         == 0
     )
-    objects = {obj["kind"]: obj for obj in yaml.safe_load_all(capsys.readouterr().out)}
-    assert yaml.safe_load(objects["ConfigMap"]["data"]["trainer.yaml"])["storage"]["endpoint"] == "http://minio.s3:9000"
-    env = objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})} == {
-        "cluster-creds"
-    }
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    [config_map] = [obj for obj in objects if obj["kind"] == "ConfigMap"]
+    assert yaml.safe_load(config_map["data"]["trainer.yaml"])["storage"]["endpoint"] == "http://minio.s3:9000"
+    assert yaml.safe_load(config_map["data"]["evaluation.yaml"])["storage"]["endpoint"] == "http://minio.s3:9000"
+    jobs = [obj for obj in objects if obj["kind"] == "Job"]
+    assert [job["metadata"]["name"] for job in jobs] == ["tiny-train-1-1", "tiny-eval-1-1"]
+    for job in jobs:  # the training Job and the evaluation Job alike
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})} == {
+            "cluster-creds"
+        }
 
 
 def test_render_refuses_invalid_manifests(tmp_path, capsys):

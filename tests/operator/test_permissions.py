@@ -17,7 +17,8 @@ import yaml
 from kopf.testing import KopfRunner
 
 from embedtune.operator.permissions import operator_rules
-from embedtune.operator.render import build_status_role
+from embedtune.operator.render import Run, build_status_role
+from embedtune.operator.spec import parse_finetune
 from support.cluster import CRD_PATH, FINETUNES, JOBS
 from support.finetunes import minimal_manifest
 
@@ -137,13 +138,15 @@ async def test_the_operator_uses_exactly_the_declared_rules(cluster, mode):
     }
     assert not refused, f"requests the declared rules do not allow: {sorted(refused)}"
     used = {triple for _, triple in requests}
-    granted_to_job_pods = rule_triples(build_status_role("default", "rbac")["rules"])
+    granted_to_job_pods = rule_triples(
+        build_status_role(parse_finetune(minimal_manifest()), Run("default", "rbac", "1"))["rules"]
+    )
     unused = (held_in_namespaces | held_cluster_wide) - used - granted_to_job_pods
     assert not unused, f"declared rules the operator never needed: {sorted(unused)}"
 
 
 def test_the_operator_holds_what_it_grants_the_job_pods():
-    granted = rule_triples(build_status_role("ml", "x")["rules"])
+    granted = rule_triples(build_status_role(parse_finetune(minimal_manifest()), Run("ml", "x", "1"))["rules"])
     for clusterwide in (True, False):
         in_namespaces, cluster_wide = operator_rules(clusterwide=clusterwide, peering=False)
         assert granted <= rule_triples(in_namespaces) | rule_triples(cluster_wide)

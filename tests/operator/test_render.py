@@ -1,5 +1,6 @@
 import yaml
 
+from embedtune.operator.defaults import ClusterDefaults
 from embedtune.operator.render import (
     Run,
     build_evaluation_job,
@@ -7,9 +8,11 @@ from embedtune.operator.render import (
     build_service,
     build_status_role,
     build_training_job,
+    plan_evaluation,
+    plan_training,
 )
 from embedtune.operator.spec import parse_finetune
-from embedtune.trainer.config import TrainerConfig
+from embedtune.trainer.contract import EvaluationConfig, TrainerConfig, load_config
 from support.finetunes import minimal_manifest
 
 RUN = Run("ml", "tiny", "3")
@@ -17,7 +20,31 @@ IMAGE = "registry.example/trainer:1"
 
 
 def spec_of(**overrides):
-    return parse_finetune(minimal_manifest(**overrides))
+    return ClusterDefaults(IMAGE).apply(parse_finetune(minimal_manifest(**overrides)))
+
+
+def training_job(spec, attempt=1, deadline_seconds=None):
+    return build_training_job(spec, plan_training(spec, RUN, attempt, deadline_seconds))
+
+
+def evaluation_job(spec):
+    return build_evaluation_job(spec, plan_evaluation(spec, RUN, 1))
+
+
+def run_objects(spec):
+    return build_run_objects(spec, plan_training(spec, RUN, 1))
+
+
+def evaluation_config_of(spec) -> EvaluationConfig:
+    """The config the evaluation Job runs with: its --config file, read from the run's ConfigMap."""
+    objects = {obj["kind"]: obj for obj in run_objects(spec)}
+    command = container_of(evaluation_job(spec))["command"]
+    config_file = arg_after(command, "--config")
+    mount = next(
+        m for m in container_of(evaluation_job(spec))["volumeMounts"] if config_file.startswith(m["mountPath"])
+    )
+    assert mount["name"] == "config"
+    return EvaluationConfig.model_validate(yaml.safe_load(objects["ConfigMap"]["data"][config_file.rsplit("/", 1)[1]]))
 
 
 def container_of(job):
@@ -30,20 +57,20 @@ def arg_after(command, flag):
 
 
 def test_without_gpus_each_pod_trains_in_one_cpu_process():
-    job = build_training_job(spec_of(resources={"nodes": 2, "gpusPerNode": 0}), RUN, attempt=1, image=IMAGE)
+    job = training_job(spec_of(resources={"nodes": 2, "gpusPerNode": 0}))
     assert arg_after(container_of(job)["command"], "--nproc-per-node") == "1"
     assert "nvidia.com/gpu" not in container_of(job)["resources"]["limits"]
 
 
 def test_training_job_is_an_indexed_torchrun_job_with_one_pod_per_node():
-    job = build_training_job(spec_of(), RUN, attempt=2, image=IMAGE)
+    job = training_job(spec_of(), attempt=2)
     assert job["metadata"]["name"] == "tiny-train-3-2"
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["backoffLimit"] == 0
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
-    assert pod["subdomain"] == build_service("ml", "tiny")["metadata"]["name"] == "tiny-train"
+    assert pod["subdomain"] == build_service(spec_of(), RUN)["metadata"]["name"] == "tiny-train"
     command = container_of(job)["command"]
     assert command[:3] == ["python", "-m", "embedtune.trainer.launch"]
     assert arg_after(command, "--nnodes") == "2"
@@ -59,11 +86,8 @@ def test_training_job_is_an_indexed_torchrun_job_with_one_pod_per_node():
 
 
 def test_gpus_cpu_memory_and_shared_memory():
-    job = build_training_job(
-        spec_of(resources={"nodes": 1, "gpusPerNode": 8, "cpu": "32", "memory": "200Gi", "sharedMemory": "32Gi"}),
-        RUN,
-        1,
-        IMAGE,
+    job = training_job(
+        spec_of(resources={"nodes": 1, "gpusPerNode": 8, "cpu": "32", "memory": "200Gi", "sharedMemory": "32Gi"})
     )
     resources = container_of(job)["resources"]
     assert resources["limits"] == {"nvidia.com/gpu": 8, "cpu": "32", "memory": "200Gi"}
@@ -75,13 +99,13 @@ def test_gpus_cpu_memory_and_shared_memory():
 
 
 def test_credentials_only_by_secret_reference():
-    for job in (build_training_job(spec_of(), RUN, 1, IMAGE), build_evaluation_job(spec_of(), RUN, IMAGE)):
+    for job in (training_job(spec_of()), evaluation_job(spec_of())):
         env = {item["name"]: item for item in container_of(job)["env"]}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert "value" not in env[key]
             assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
     # The test process has AWS_* credentials in its environment (conftest); none may leak in.
-    rendered = yaml.safe_dump_all(build_run_objects(spec_of(), RUN, IMAGE))
+    rendered = yaml.safe_dump_all(run_objects(spec_of()))
     assert "testing" not in rendered
 
 
@@ -90,7 +114,7 @@ def test_without_a_secret_the_service_account_carries_the_identity():
         storage={"uri": "s3://m"},
         resources={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"}},
     )
-    objects = {obj["kind"]: obj for obj in build_run_objects(spec, RUN, IMAGE)}
+    objects = {obj["kind"]: obj for obj in run_objects(spec)}
     assert not any(item["name"].startswith("AWS_") for item in container_of(objects["Job"])["env"])
     assert objects["ServiceAccount"]["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/t"
@@ -99,7 +123,7 @@ def test_without_a_secret_the_service_account_carries_the_identity():
 
 
 def test_pods_run_as_non_root_without_privilege_escalation():
-    for job in (build_training_job(spec_of(), RUN, 1, IMAGE), build_evaluation_job(spec_of(), RUN, IMAGE)):
+    for job in (training_job(spec_of()), evaluation_job(spec_of())):
         pod = job["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
         assert container_of(job)["securityContext"] == {
@@ -117,14 +141,14 @@ def test_scheduling_fields_pass_through():
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         }
     )
-    pod = build_training_job(spec, RUN, 1, IMAGE)["spec"]["template"]["spec"]
+    pod = training_job(spec)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "h100"}
     assert pod["priorityClassName"] == "training" and pod["schedulerName"] == "volcano"
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_labels_identify_resource_run_role_and_attempt():
-    job = build_training_job(spec_of(), RUN, 2, IMAGE)
+    job = training_job(spec_of(), attempt=2)
     expected = {
         "app.kubernetes.io/managed-by": "embedtune",
         "embedtune.io/finetune": "tiny",
@@ -134,7 +158,7 @@ def test_labels_identify_resource_run_role_and_attempt():
     }
     assert job["metadata"]["labels"] == expected
     assert job["spec"]["template"]["metadata"]["labels"] == expected
-    assert build_service("ml", "tiny")["spec"]["selector"] == {
+    assert build_service(spec_of(), RUN)["spec"]["selector"] == {
         "app.kubernetes.io/managed-by": "embedtune",
         "embedtune.io/finetune": "tiny",
         "embedtune.io/role": "train",
@@ -142,12 +166,12 @@ def test_labels_identify_resource_run_role_and_attempt():
 
 
 def test_deadline_is_set_on_the_job_when_given():
-    assert "activeDeadlineSeconds" not in build_training_job(spec_of(), RUN, 1, IMAGE)["spec"]
-    assert build_training_job(spec_of(), RUN, 1, IMAGE, deadline_seconds=120)["spec"]["activeDeadlineSeconds"] == 120
+    assert "activeDeadlineSeconds" not in training_job(spec_of())["spec"]
+    assert training_job(spec_of(), deadline_seconds=120)["spec"]["activeDeadlineSeconds"] == 120
 
 
 def test_trainer_config_is_a_valid_trainer_config_that_reports_status():
-    objects = {obj["kind"]: obj for obj in build_run_objects(spec_of(), RUN, IMAGE)}
+    objects = {obj["kind"]: obj for obj in run_objects(spec_of())}
     config = TrainerConfig.model_validate(yaml.safe_load(objects["ConfigMap"]["data"]["trainer.yaml"]))
     assert (config.run.namespace, config.run.name, config.run.run_id, config.run.report_status) == (
         "ml",
@@ -162,8 +186,8 @@ def test_trainer_config_is_a_valid_trainer_config_that_reports_status():
 
 
 def test_role_may_patch_only_this_resources_status():
-    objects = {obj["kind"]: obj for obj in build_run_objects(spec_of(), RUN, IMAGE)}
-    assert build_status_role("ml", "tiny")["rules"] == [
+    objects = {obj["kind"]: obj for obj in run_objects(spec_of())}
+    assert build_status_role(spec_of(), RUN)["rules"] == [
         {
             "apiGroups": ["embedtune.io"],
             "resources": ["embeddingfinetunes/status"],
@@ -177,41 +201,30 @@ def test_role_may_patch_only_this_resources_status():
 
 
 def test_evaluation_job_follows_the_contract():
-    job = build_evaluation_job(
-        spec_of(storage={"uri": "s3://m/p", "endpoint": "http://minio:9000", "region": "eu-1"}), RUN, IMAGE
-    )
+    spec = spec_of(storage={"uri": "s3://m/p", "endpoint": "http://minio:9000", "region": "eu-1"})
+    job = evaluation_job(spec)
     assert job["metadata"]["name"] == "tiny-eval-3-1" and job["spec"]["backoffLimit"] == 0
     assert container_of(job)["command"] == [
-        "embedtune",
-        "evaluate",
-        "--model",
-        "s3://m/p/ml/tiny/run-3/model",
-        "--baseline",
-        "BAAI/bge-small-en-v1.5",
-        "--eval-set",
-        "s3://m/p/ml/tiny/run-3/eval",
-        "--k",
-        "1,10,100",
-        "--output",
-        "s3://m/p/ml/tiny/run-3/metrics.json",
-        "--patch-status",
-        "ml/tiny",
-        "--pooling",
-        "cls",
-        "--normalize",
-        "--query-max-length",
-        "64",
-        "--passage-max-length",
-        "256",
-        "--storage-endpoint",
-        "http://minio:9000",
-        "--storage-region",
-        "eu-1",
+        "python",
+        "-m",
+        "embedtune.trainer.evaluate",
+        "--config",
+        "/etc/embedtune/evaluation.yaml",
     ]
+    config = evaluation_config_of(spec)
+    assert config.model == "s3://m/p/ml/tiny/run-3/model"
+    assert config.baseline == "BAAI/bge-small-en-v1.5"
+    assert config.eval_set == "s3://m/p/ml/tiny/run-3/eval"
+    assert config.k_values == [1, 10, 100]
+    assert config.output == "s3://m/p/ml/tiny/run-3/metrics.json"
+    assert (config.run.namespace, config.run.name, config.run.report_status) == ("ml", "tiny", True)
+    assert (config.encoding.pooling, config.encoding.normalize) == ("cls", True)
+    assert (config.encoding.query_max_length, config.encoding.passage_max_length) == (64, 256)
+    assert (config.storage.endpoint, config.storage.region) == ("http://minio:9000", "eu-1")
     assert container_of(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 
-def test_the_baseline_is_encoded_as_the_model_was_trained():
+def test_the_baseline_is_encoded_as_the_model_was_trained(tmp_path):
     model = {
         "base": "intfloat/e5-base-v2",
         "pooling": "mean",
@@ -221,19 +234,17 @@ def test_the_baseline_is_encoded_as_the_model_was_trained():
         "queryMaxLength": 32,
         "passageMaxLength": 128,
     }
-    command = container_of(build_evaluation_job(spec_of(model=model), RUN, IMAGE))["command"]
-    assert arg_after(command, "--baseline") == "intfloat/e5-base-v2"
-    assert arg_after(command, "--pooling") == "mean" and "--no-normalize" in command
-    assert arg_after(command, "--query-instruction") == "query: "
-    assert arg_after(command, "--passage-instruction") == "passage: "
-    assert arg_after(command, "--query-max-length") == "32" and arg_after(command, "--passage-max-length") == "128"
-    from embedtune.operator.cli import build_parser
-
-    parsed = build_parser().parse_args(command[1:])  # the evaluate command accepts exactly these flags
-    assert parsed.pooling == "mean" and parsed.normalize is False and parsed.query_instruction == "query: "
+    config = evaluation_config_of(spec_of(model=model))
+    assert config.baseline == "intfloat/e5-base-v2"
+    assert config.encoding.pooling == "mean" and config.encoding.normalize is False
+    assert config.encoding.query_instruction == "query: "
+    assert config.encoding.passage_instruction == "passage: "
+    assert config.encoding.query_max_length == 32 and config.encoding.passage_max_length == 128
+    path = tmp_path / "evaluation.yaml"  # the evaluation program reads exactly this config
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert load_config(path, EvaluationConfig) == config
 
 
 def test_evaluation_uses_the_users_eval_set_without_held_out_split():
-    job = build_evaluation_job(spec_of(data={"train": "s3://d/t.jsonl", "eval": "s3://d/eval"}), RUN, IMAGE)
-    command = container_of(job)["command"]
-    assert arg_after(command, "--eval-set") == "s3://d/eval"
+    config = evaluation_config_of(spec_of(data={"train": "s3://d/t.jsonl", "eval": "s3://d/eval"}))
+    assert config.eval_set == "s3://d/eval"

@@ -8,7 +8,7 @@ from embedtune.trainer.config import ModelSpec
 from embedtune.trainer.data import Record, split_held_out
 from embedtune.trainer.encoding import load_encoder, model_settings
 from embedtune.trainer.evalset import load_eval_set, passage_text
-from embedtune.trainer.evaluate import EvaluationOptions, evaluate_model
+from embedtune.trainer.evaluate import evaluate_model
 from embedtune.trainer.export import export_sentence_transformers
 from support.reference import reference_metrics
 from support.tiny import synthetic_records, write_jsonl
@@ -52,7 +52,7 @@ def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path):
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
     ks = (1, 3, 10)
-    ours = evaluate_model(model, eval_set, EvaluationOptions(ks=ks, chunk_size=7))
+    ours = evaluate_model(model, eval_set, ks, chunk_size=7)
     # by hand: the instruction prefixed as text, the model's plain encode, numpy ranking
     queries = model.encode(["what: " + q["text"] for q in eval_set.queries], task="query")
     passages = model.encode(["doc: " + passage_text(p) for p in eval_set.corpus], task="document")
@@ -183,6 +183,6 @@ def test_half_precision_encodes_close_to_fp32(exported):
 def test_approximate_index_on_a_small_corpus_matches_exact(exported, eval_dir, tmp_path, index):
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
-    exact = evaluate_model(model, eval_set, EvaluationOptions(ks=(1, 10)))
+    exact = evaluate_model(model, eval_set, (1, 10))
     # 60 passages: one IVF list, and an HNSW search wider than the graph; both see everything
-    assert evaluate_model(model, eval_set, EvaluationOptions(ks=(1, 10), index=index)) == pytest.approx(exact)
+    assert evaluate_model(model, eval_set, (1, 10), index=index) == pytest.approx(exact)

@@ -170,7 +170,7 @@ def test_mine_cli_input_errors_exit_2(tiny_model, tmp_path, capsys):
 
 
 def test_hard_negatives_config_is_validated_by_field_path(tmp_path):
-    from embedtune.trainer.config import load_trainer_config
+    from embedtune.trainer.contract import TrainerConfig, load_config
     from embedtune.trainer.errors import InputError
 
     path = tmp_path / "c.yaml"
@@ -178,14 +178,14 @@ def test_hard_negatives_config_is_validated_by_field_path(tmp_path):
         "model: {base: m}\nstorage: {uri: /s}\n"
         "data: {train: t.jsonl, hardNegatives: {mine: true, range: '10-100', count: 5, maxScoreRatio: 0.9}}\n"
     )
-    mining = load_trainer_config(path).data.hard_negatives
+    mining = load_config(path, TrainerConfig).data.hard_negatives
     assert (mining.mine, mining.rank_range, mining.count, mining.max_score_ratio) == (True, "10-100", 5, 0.9)
     path.write_text(
         "model: {base: m}\nstorage: {uri: /s}\n"
         "data: {train: t.jsonl, hardNegatives: {range: '100-10', count: 0, maxScoreRatio: 2}}\n"
     )
     with pytest.raises(InputError) as caught:
-        load_trainer_config(path)
+        load_config(path, TrainerConfig)
     assert caught.value.problems == [
         "config.data.hardNegatives.range: '100-10': expected FIRST-LAST with FIRST < LAST, e.g. 10-100",
         "config.data.hardNegatives.count: Input should be greater than or equal to 1",

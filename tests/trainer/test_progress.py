@@ -1,4 +1,5 @@
-from embedtune.trainer.progress import JsonFileReporter, ThrottledReporter, TrainingProgress, progress_from_log
+from embedtune.trainer.contract import TrainingProgress
+from embedtune.trainer.progress import JsonFileReporter, ThrottledReporter, progress_from_log
 
 
 class Recorder:
@@ -20,7 +21,15 @@ class Broken:
 
 
 def _progress(step):
-    return TrainingProgress(step, 100, step / 10, 1.0, 1e-5, 8.0, 10.0)
+    return TrainingProgress(
+        step=step,
+        total_steps=100,
+        epoch=step / 10,
+        loss=1.0,
+        learning_rate=1e-5,
+        samples_per_second=8.0,
+        eta_seconds=10.0,
+    )
 
 
 def test_progress_is_throttled_but_never_lost_and_a_failing_reporter_is_contained():
