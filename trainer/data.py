@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
 from .errors import InputError
+from .jsonl import read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
 
 logger = logging.getLogger(__name__)
@@ -53,27 +54,13 @@ class LoadResult:
 # --- validation --------------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _check_text(value: Any, name: str) -> list[str]:
-    if not isinstance(value, str):
-        return [f"{name}: expected a string, got {_type_name(value)}"]
-    if not value.strip():
-        return [f"{name}: empty string"]
-    return []
-
-
-def record_problems(obj: Any) -> list[str]:
+def record_problems(obj: dict[str, Any]) -> list[str]:
     """Every problem of one record as `field: reason`; empty when the record is valid."""
-    if not isinstance(obj, dict):
-        return [f"record: expected a JSON object, got {_type_name(obj)}"]
     problems = []
     if "query" not in obj:
         problems.append("query: missing")
-    else:
-        problems += _check_text(obj["query"], "query")
+    elif problem := text_problem(obj["query"]):
+        problems.append(f"query: {problem}")
     for name in PASSAGE_LISTS:
         if name not in obj:
             if name == "pos":
@@ -81,12 +68,11 @@ def record_problems(obj: Any) -> list[str]:
             continue
         value = obj[name]
         if not isinstance(value, list):
-            problems.append(f"{name}: expected a list of strings, got {_type_name(value)}")
+            problems.append(f"{name}: expected a list of strings, got {type_name(value)}")
             continue
         if name == "pos" and not value:
             problems.append("pos: empty list (need at least one positive passage)")
-        for i, item in enumerate(value):
-            problems += _check_text(item, f"{name}[{i}]")
+        problems += [f"{name}[{i}]: {problem}" for i, item in enumerate(value) if (problem := text_problem(item))]
     for scores, passages in SCORE_LISTS.items():
         if scores not in obj:
             continue
@@ -97,13 +83,19 @@ def record_problems(obj: Any) -> list[str]:
             problems.append(f"{scores}: expected a list of numbers")
         elif isinstance(obj.get(passages), list) and len(value) != len(obj[passages]):
             problems.append(f"{scores}: {len(value)} scores for {len(obj[passages])} {passages} passages")
-    if "prompt" in obj and obj["prompt"] is not None and not isinstance(obj["prompt"], str):
-        problems.append(f"prompt: expected a string, got {_type_name(obj['prompt'])}")
+    if obj.get("prompt") is not None and (problem := text_problem(obj["prompt"], allow_empty=True)):
+        problems.append(f"prompt: {problem}")
     return problems
 
 
-def _to_record(obj: dict[str, Any]) -> Record:
-    return Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
+    """The record at `where` into `result`: as a Record when valid, else as its problems."""
+    if found := record_problems(obj):
+        result.problems += [f"{where}: {problem}" for problem in found]
+        return
+    result.records.append(
+        Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+    )
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -115,23 +107,9 @@ def jsonl_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON
-    becomes a `FILE:LINE: json: ...` problem instead."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            yield line_no, value
-
-
 def load_jsonl(paths: Iterable[Path]) -> LoadResult:
-    records, problems = [], []
+    result = LoadResult([], [])
+    problems = result.problems
     for path in paths:
         if not path.exists():
             problems.append(f"{path}: no such file or directory")
@@ -143,13 +121,10 @@ def load_jsonl(paths: Iterable[Path]) -> LoadResult:
             problems_before, count = len(problems), 0
             for line_no, obj in read_json_lines(file, problems):
                 count += 1
-                found = record_problems(obj)
-                problems += [f"{file}:{line_no}: {p}" for p in found]
-                if not found:
-                    records.append(_to_record(obj))
+                _add_record(result, obj, f"{file}:{line_no}")
             if count == 0 and len(problems) == problems_before:
                 problems.append(f"{file}: no records")
-    return LoadResult(records, problems)
+    return result
 
 
 def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
@@ -177,19 +152,16 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
     if missing:
         raise InputError(f"{where}: column mapping does not fit the dataset", missing)
     columns = {target: column for target, column in mapping.items() if column in dataset.column_names}
-    records, problems = [], []
+    result = LoadResult([], [])
     for row_no, row in enumerate(dataset, start=1):
         obj = {target: row[column] for target, column in columns.items()}
         for name in PASSAGE_LISTS:
             if isinstance(obj.get(name), str):
                 obj[name] = [obj[name]]
-        found = record_problems(obj)
-        problems += [f"{where}:{row_no}: {p}" for p in found]
-        if not found:
-            records.append(_to_record(obj))
+        _add_record(result, obj, f"{where}:{row_no}")
     if not len(dataset):
-        problems.append(f"{where}: no records")
-    return LoadResult(records, problems)
+        result.problems.append(f"{where}: no records")
+    return result
 
 
 def load_training_data(spec: DataSpec, download_dir: Path, storage: StorageSpec | None = None) -> LoadResult:

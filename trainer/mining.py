@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import HardNegativesSpec, ModelSpec, StorageSpec, parse_rank_range
-from .data import Record, read_json_lines
+from .data import Record
 from .encoding import encode_passages, encode_queries, load_encoder
 from .errors import InputError
+from .jsonl import read_json_lines, text_problem
 from .search import NO_RESULT, search
 from .storage import fetch_to_local
 
@@ -117,18 +118,17 @@ def _lowest_positive_scores(
 def load_candidates(path: Path) -> list[str]:
     """A candidate pool: JSONL lines of {"text": ...} (FlagEmbedding's candidate_pool format)."""
     texts, problems = [], []
-    try:
-        for line_no, row in read_json_lines(path, problems):
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-                texts.append(row["text"])
-            else:
-                problems.append(f"{path}:{line_no}: text: expected a non-empty string")
-    except OSError as exc:
-        problems.append(f"{path}: cannot read it: {exc}")
-    if problems or not texts:
-        raise InputError(
-            f'candidate pool {path}: expected JSONL lines of {{"text": ...}}', problems or [f"{path}: no candidates"]
-        )
+    for line_no, row in read_json_lines(path, problems):
+        if "text" not in row:
+            problems.append(f"{path}:{line_no}: text: missing")
+        elif problem := text_problem(row["text"]):
+            problems.append(f"{path}:{line_no}: text: {problem}")
+        else:
+            texts.append(row["text"])
+    if not texts and not problems:
+        problems.append(f"{path}: no candidates")
+    if problems:
+        raise InputError(f'candidate pool {path}: expected JSONL lines of {{"text": ...}}', problems)
     return texts
 
 

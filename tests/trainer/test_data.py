@@ -33,6 +33,11 @@ BAD_LINES = [
     ('{"query": "q", "pos": ["p"], "pos_scores": [1, 2]}', "pos_scores: 2 scores for 1 pos passages"),
     ('{"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": ["x"]}', "neg_scores: expected a list of numbers"),
     ('{"query": "q", "pos": ["p"], "prompt": 3}', "prompt: expected a string, got int"),
+    ('{"query": "q", "pos": ' + "[" * 3000 + "]" * 3000 + "}", "json: nested too deeply to read"),
+    ('{"query": "q\\ud800", "pos": ["p"]}', "query: not valid Unicode: lone surrogate \\ud800 at character 2"),
+    ('{"query": "q", "pos": ["p", "\\udc00"]}', "pos[1]: not valid Unicode: lone surrogate \\udc00"),
+    ('{"query": "q", "pos": ["p"], "neg": ["n", "x\\ud83d"]}', "neg[1]: not valid Unicode: lone surrogate \\ud83d"),
+    ('{"query": "q", "pos": ["p"], "prompt": "\\ud800"}', "prompt: not valid Unicode: lone surrogate \\ud800"),
 ]
 
 
