@@ -18,7 +18,7 @@ from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 
 def _check_data(args: argparse.Namespace) -> int:
     from embedtune.trainer.config import HuggingFaceSource
-    from embedtune.trainer.data import LoadResult, fill_negatives, load_hugging_face, load_jsonl
+    from embedtune.trainer.data import LoadResult, data_warnings, fill_negatives, load_hugging_face, load_jsonl
 
     columns = {}
     for item in args.column:
@@ -33,12 +33,13 @@ def _check_data(args: argparse.Namespace) -> int:
             found = load_hugging_face(HuggingFaceSource(path=path, split=args.split, columns=columns))
         else:
             found = load_jsonl([Path(path)])
-        total.records.extend(found.records)
-        total.problems.extend(found.problems)
+        total.extend(found)
     if not total.problems and args.group_size:
         fill_negatives(total.records, args.group_size, seed=0)
     for problem in total.problems:
         print(problem)
+    for warning in data_warnings(total):
+        print(f"warning: {warning}", file=sys.stderr)
     if total.problems:
         print(
             f"{len(total.problems)} problems in {len(args.paths)} input(s); fix them before training", file=sys.stderr
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-data",
         help="validate training data; one line per problem, exit 2 if any",
         description="Validate FlagEmbedding JSONL files/directories or Hugging Face datasets. "
-        "Prints FILE:LINE: field: reason for every problem and exits 2 if there is any.",
+        "Prints FILE:LINE: field: reason for every problem and exits 2 if there is any; valid records that "
+        "teach nothing (duplicates, a query equal to its positive ...) are counted as warnings.",
     )
     check.add_argument("paths", nargs="+", metavar="PATH", help="JSONL file, directory, or save_to_disk dataset")
     check.add_argument(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
 from .errors import InputError
-from .jsonl import read_json_lines, text_problem, type_name
+from .jsonl import describe, read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,12 @@ class Record:
 class LoadResult:
     records: list[Record]
     problems: list[str]
+    locations: list[str] = field(default_factory=list)  # FILE:LINE of each record
+
+    def extend(self, other: LoadResult) -> None:
+        self.records += other.records
+        self.problems += other.problems
+        self.locations += other.locations
 
 
 # --- validation --------------------------------------------------------------------------
@@ -83,9 +91,38 @@ def record_problems(obj: dict[str, Any]) -> list[str]:
             problems.append(f"{scores}: expected a list of numbers")
         elif isinstance(obj.get(passages), list) and len(value) != len(obj[passages]):
             problems.append(f"{scores}: {len(value)} scores for {len(obj[passages])} {passages} passages")
+        else:
+            problems += [
+                f"{scores}[{i}]: expected a finite number, got {describe(v)}"
+                for i, v in enumerate(value)
+                if not _finite(v)
+            ]
     if obj.get("prompt") is not None and (problem := text_problem(obj["prompt"], allow_empty=True)):
         problems.append(f"prompt: {problem}")
+    if not problems:
+        problems += _contradictions(obj)
     return problems
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _contradictions(obj: dict[str, Any]) -> list[str]:
+    """A negative that is also a positive of the record: training would pull the query towards
+    the passage and push it away at once. (Surrounding spaces do not make another passage.)"""
+    positive_index = {}
+    for i, passage in enumerate(obj["pos"]):
+        positive_index.setdefault(passage.strip(), i)
+    return [
+        f"neg[{i}]: same text as pos[{positive_index[passage.strip()]}] (a passage cannot be both a positive "
+        "and a negative of the query)"
+        for i, passage in enumerate(obj.get("neg", []))
+        if passage.strip() in positive_index
+    ]
 
 
 def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
@@ -96,6 +133,55 @@ def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
     result.records.append(
         Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
     )
+    result.locations.append(where)
+
+
+# Valid records that teach nothing, or teach it twice: reported, counted by kind, never refused.
+DUPLICATE_RECORD = "repeating an earlier record (the same query, pos, neg and prompt)"
+QUERY_IS_POSITIVE = "whose query is also one of its positives (an identical pair teaches nothing)"
+QUERY_IS_NEGATIVE = "whose query is also one of its negatives"
+REPEATED_PASSAGE = "with the same passage twice in pos or in neg"
+NEGATIVE_IS_ANOTHER_POSITIVE = (
+    "with a negative that another record of the same query has as a positive (trained both ways)"
+)
+WARNING_EXAMPLES = 3
+
+
+def data_warnings(loaded: LoadResult) -> list[str]:
+    """One line per kind of useless record found in `loaded`: how many, and where the first few
+    are. Texts are compared without surrounding spaces, as the tokenizer reads them."""
+    found: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def note(kind: str, where: str) -> None:
+        found[kind] += 1
+        if len(examples.setdefault(kind, [])) < WARNING_EXAMPLES:
+            examples[kind].append(where)
+
+    first_seen: dict[tuple, str] = {}
+    positives_of_query: dict[str, set[str]] = {}
+    for record, where in zip(loaded.records, loaded.locations):
+        key = (record.query, tuple(record.pos), tuple(record.neg), record.prompt)
+        if key in first_seen:
+            note(DUPLICATE_RECORD, f"{where} (as {first_seen[key]})")
+        first_seen.setdefault(key, where)
+        query, pos, neg = record.query.strip(), {p.strip() for p in record.pos}, {n.strip() for n in record.neg}
+        if query in pos:
+            note(QUERY_IS_POSITIVE, where)
+        if query in neg:
+            note(QUERY_IS_NEGATIVE, where)
+        if len(pos) < len(record.pos) or len(neg) < len(record.neg):
+            note(REPEATED_PASSAGE, where)
+        positives_of_query.setdefault(query, set()).update(pos)
+    for record, where in zip(loaded.records, loaded.locations):
+        # a record's own positives are never among its negatives (an error), so this is another record's
+        if any(n.strip() in positives_of_query[record.query.strip()] for n in record.neg):
+            note(NEGATIVE_IS_ANOTHER_POSITIVE, where)
+    return [
+        f"{count} {'record' if count == 1 else 'records'} {kind}: "
+        f"{', '.join(examples[kind])}{', ...' if count > WARNING_EXAMPLES else ''}"
+        for kind, count in found.items()
+    ]
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -322,6 +408,8 @@ def prepare_training_data(
         )
     if not loaded.records:
         raise InputError("training data: no records")
+    for warning in data_warnings(loaded):
+        logger.warning("training data: %s", warning)
     records, eval_set = loaded.records, None
     if spec.held_out_fraction:
         records, eval_set = split_held_out(records, spec.held_out_fraction, seed)
