@@ -132,6 +132,18 @@ def load_candidates(path: Path) -> list[str]:
     return texts
 
 
+def fetch_candidates(
+    spec: HardNegativesSpec, download_dir: Path, storage: StorageSpec | None = None
+) -> list[str] | None:
+    """The candidate pool `spec` names, read and checked; None when it names none (mining then
+    searches the training data's own passages)."""
+    if not spec.candidates:
+        return None
+    endpoint = storage.endpoint if storage else None
+    region = storage.region if storage else None
+    return load_candidates(fetch_to_local(spec.candidates, download_dir, endpoint=endpoint, region=region))
+
+
 def mine_for_training(
     records: list[Record],
     spec: HardNegativesSpec,
@@ -142,11 +154,7 @@ def mine_for_training(
     storage: StorageSpec | None = None,
 ) -> MiningSummary:
     """The trainer's mining step: the base model, encoding exactly as training will."""
-    endpoint = storage.endpoint if storage else None
-    region = storage.region if storage else None
-    candidates = None
-    if spec.candidates:
-        candidates = load_candidates(fetch_to_local(spec.candidates, download_dir, endpoint=endpoint, region=region))
+    candidates = fetch_candidates(spec, download_dir, storage)
     # fp32: every node mines for itself, and half precision could break near-ties differently
     encoder = load_encoder(model_path, model.model_dump(exclude={"base"}), precision="fp32")
     return mine_hard_negatives(records, encoder, spec, seed=seed, candidates=candidates)

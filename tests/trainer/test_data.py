@@ -128,6 +128,19 @@ def test_training_logs_the_warnings_at_the_start(tmp_path, caplog):
     ]
 
 
+def test_check_data_checks_a_candidate_pool(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, {"text": "b\udc00"}, {"txt": "c"}])
+    assert cli(["check-data", str(data), "--candidates", str(pool)]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"{pool}:2: text: not valid Unicode: lone surrogate \\udc00 at character 2 (a \\u escape without its pair)",
+        f"{pool}:3: text: missing",
+    ]
+    write_jsonl(pool, [{"text": "a"}, {"text": "b"}])
+    assert cli(["check-data", "--candidates", str(pool)]) == 0
+    assert "ok: 0 records, 2 candidates" in capsys.readouterr().err
+
+
 def test_training_refuses_invalid_data_with_the_same_report(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [GOOD, '{"query": "q", "pos": []}'])
     with pytest.raises(InputError) as caught:

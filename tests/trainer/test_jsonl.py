@@ -61,6 +61,11 @@ def test_a_utf8_byte_order_mark_and_windows_line_ends_are_read(tmp_path, capsys)
     assert "ok: 2 records" in capsys.readouterr().err
 
 
+def test_an_unreadable_path_is_a_problem(tmp_path, capsys):
+    assert cli(["check-data", "--candidates", str(tmp_path)]) == 2
+    assert capsys.readouterr().out.startswith(f"{tmp_path}: cannot read it: Is a directory")
+
+
 SURROGATE = "not valid Unicode: lone surrogate \\u{} at character {} (a \\u escape without its pair)"
 TEXTS = [
     ("a text", {}, None),
