@@ -121,12 +121,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
-    """Every problem of the training data and the evaluation set, before anything runs."""
+    """Every problem of the training data, the candidate pool and the evaluation set, before anything runs."""
     from embedtune.trainer.data import load_training_data
     from embedtune.trainer.evalset import load_eval_set
+    from embedtune.trainer.mining import fetch_candidates
 
     loaded = load_training_data(spec.data.for_trainer(), scratch / "data", spec.storage)
     problems = list(loaded.problems)
+    if spec.data.hard_negatives is not None and spec.data.hard_negatives.mine:
+        try:
+            fetch_candidates(spec.data.hard_negatives, scratch / "candidates", spec.storage)
+        except InputError as exc:
+            problems += exc.problems or [exc.summary]
     if spec.evaluation.enabled and spec.data.eval is not None:
         try:
             load_eval_set(spec.data.eval, scratch / "eval", endpoint=spec.storage.endpoint, region=spec.storage.region)

@@ -59,10 +59,18 @@ def _add_check_data(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "check-data",
         help="validate training data; one line per problem, exit 2 if any",
-        description="Validate FlagEmbedding JSONL files/directories or Hugging Face datasets. "
-        "Prints FILE:LINE: field: reason for every problem and exits 2 if there is any.",
+        description="Validate FlagEmbedding JSONL files/directories or Hugging Face datasets, and a candidate "
+        "pool. Prints FILE:LINE: field: reason for every problem and exits 2 if there is any; valid records that "
+        "teach nothing (duplicates, a query equal to its positive ...) are counted as warnings.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="JSONL file, directory, or save_to_disk dataset")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="JSONL file, directory, or save_to_disk dataset")
+    parser.add_argument(
+        "--candidates",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='also check a hard-negative candidate pool: JSONL of {"text": ...} passages',
+    )
     parser.add_argument(
         "--column",
         action="append",
@@ -82,7 +90,8 @@ def _add_check_data(commands: argparse._SubParsersAction) -> None:
 
 def _check_data(args: argparse.Namespace) -> int:
     from .config import HuggingFaceSource
-    from .data import LoadResult, fill_negatives, load_hugging_face, load_jsonl
+    from .data import LoadResult, data_warnings, fill_negatives, load_hugging_face, load_jsonl
+    from .mining import load_candidates
 
     columns = {}
     for item in args.column:
@@ -90,24 +99,34 @@ def _check_data(args: argparse.Namespace) -> int:
         if field not in TRAINING_FIELDS or not column:
             raise InputError(f"--column {item}: expected FIELD=COLUMN with FIELD one of {', '.join(TRAINING_FIELDS)}")
         columns[field] = column
+    if not args.paths and not args.candidates:
+        raise InputError("check-data: give training data (PATH ...), a candidate pool (--candidates FILE), or both")
     total = LoadResult([], [])
     for path in args.paths:
         if _is_hf_dataset(Path(path)) or columns:
             found = load_hugging_face(HuggingFaceSource(path=path, split=args.split, columns=columns))
         else:
             found = load_jsonl([Path(path)])
-        total.records.extend(found.records)
-        total.problems.extend(found.problems)
+        total.extend(found)
+    candidates = []
+    if args.candidates:
+        try:
+            candidates = load_candidates(args.candidates)
+        except InputError as exc:
+            total.problems += exc.problems
     if not total.problems and args.group_size:
         fill_negatives(total.records, args.group_size, seed=0)
     for problem in total.problems:
         print(problem)
+    for warning in data_warnings(total):
+        print(f"warning: {warning}", file=sys.stderr)
+    inputs = len(args.paths) + bool(args.candidates)
     if total.problems:
-        print(
-            f"{len(total.problems)} problems in {len(args.paths)} input(s); fix them before training", file=sys.stderr
-        )
+        print(f"{len(total.problems)} problems in {inputs} input(s); fix them before training", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    print(f"ok: {len(total.records)} records", file=sys.stderr)
+    print(
+        f"ok: {len(total.records)} records" + (f", {len(candidates)} candidates" if candidates else ""), file=sys.stderr
+    )
     return EXIT_OK
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
 from .errors import InputError
+from .jsonl import describe, read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
 
 logger = logging.getLogger(__name__)
@@ -46,32 +49,24 @@ class Record:
 class LoadResult:
     records: list[Record]
     problems: list[str]
+    locations: list[str] = field(default_factory=list)  # FILE:LINE of each record
+
+    def extend(self, other: LoadResult) -> None:
+        self.records += other.records
+        self.problems += other.problems
+        self.locations += other.locations
 
 
 # --- validation --------------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _check_text(value: Any, name: str) -> list[str]:
-    if not isinstance(value, str):
-        return [f"{name}: expected a string, got {_type_name(value)}"]
-    if not value.strip():
-        return [f"{name}: empty string"]
-    return []
-
-
-def record_problems(obj: Any) -> list[str]:
+def record_problems(obj: dict[str, Any]) -> list[str]:
     """Every problem of one record as `field: reason`; empty when the record is valid."""
-    if not isinstance(obj, dict):
-        return [f"record: expected a JSON object, got {_type_name(obj)}"]
     problems = []
     if "query" not in obj:
         problems.append("query: missing")
-    else:
-        problems += _check_text(obj["query"], "query")
+    elif problem := text_problem(obj["query"]):
+        problems.append(f"query: {problem}")
     for name in PASSAGE_LISTS:
         if name not in obj:
             if name == "pos":
@@ -79,12 +74,11 @@ def record_problems(obj: Any) -> list[str]:
             continue
         value = obj[name]
         if not isinstance(value, list):
-            problems.append(f"{name}: expected a list of strings, got {_type_name(value)}")
+            problems.append(f"{name}: expected a list of strings, got {type_name(value)}")
             continue
         if name == "pos" and not value:
             problems.append("pos: empty list (need at least one positive passage)")
-        for i, item in enumerate(value):
-            problems += _check_text(item, f"{name}[{i}]")
+        problems += [f"{name}[{i}]: {problem}" for i, item in enumerate(value) if (problem := text_problem(item))]
     for scores, passages in SCORE_LISTS.items():
         if scores not in obj:
             continue
@@ -95,13 +89,97 @@ def record_problems(obj: Any) -> list[str]:
             problems.append(f"{scores}: expected a list of numbers")
         elif isinstance(obj.get(passages), list) and len(value) != len(obj[passages]):
             problems.append(f"{scores}: {len(value)} scores for {len(obj[passages])} {passages} passages")
-    if "prompt" in obj and obj["prompt"] is not None and not isinstance(obj["prompt"], str):
-        problems.append(f"prompt: expected a string, got {_type_name(obj['prompt'])}")
+        else:
+            problems += [
+                f"{scores}[{i}]: expected a finite number, got {describe(v)}"
+                for i, v in enumerate(value)
+                if not _finite(v)
+            ]
+    if obj.get("prompt") is not None and (problem := text_problem(obj["prompt"], allow_empty=True)):
+        problems.append(f"prompt: {problem}")
+    if not problems:
+        problems += _contradictions(obj)
     return problems
 
 
-def _to_record(obj: dict[str, Any]) -> Record:
-    return Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _contradictions(obj: dict[str, Any]) -> list[str]:
+    """A negative that is also a positive of the record: training would pull the query towards
+    the passage and push it away at once. (Surrounding spaces do not make another passage.)"""
+    positive_index = {}
+    for i, passage in enumerate(obj["pos"]):
+        positive_index.setdefault(passage.strip(), i)
+    return [
+        f"neg[{i}]: same text as pos[{positive_index[passage.strip()]}] (a passage cannot be both a positive "
+        "and a negative of the query)"
+        for i, passage in enumerate(obj.get("neg", []))
+        if passage.strip() in positive_index
+    ]
+
+
+def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
+    """The record at `where` into `result`: as a Record when valid, else as its problems."""
+    if found := record_problems(obj):
+        result.problems += [f"{where}: {problem}" for problem in found]
+        return
+    result.records.append(
+        Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+    )
+    result.locations.append(where)
+
+
+# Valid records that teach nothing, or teach it twice: reported, counted by kind, never refused.
+DUPLICATE_RECORD = "repeating an earlier record (the same query, pos, neg and prompt)"
+QUERY_IS_POSITIVE = "whose query is also one of its positives (an identical pair teaches nothing)"
+QUERY_IS_NEGATIVE = "whose query is also one of its negatives"
+REPEATED_PASSAGE = "with the same passage twice in pos or in neg"
+NEGATIVE_IS_ANOTHER_POSITIVE = (
+    "with a negative that another record of the same query has as a positive (trained both ways)"
+)
+WARNING_EXAMPLES = 3
+
+
+def data_warnings(loaded: LoadResult) -> list[str]:
+    """One line per kind of useless record found in `loaded`: how many, and where the first few
+    are. Texts are compared without surrounding spaces, as the tokenizer reads them."""
+    found: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def note(kind: str, where: str) -> None:
+        found[kind] += 1
+        if len(examples.setdefault(kind, [])) < WARNING_EXAMPLES:
+            examples[kind].append(where)
+
+    first_seen: dict[tuple, str] = {}
+    positives_of_query: dict[str, set[str]] = {}
+    for record, where in zip(loaded.records, loaded.locations):
+        key = (record.query, tuple(record.pos), tuple(record.neg), record.prompt)
+        if key in first_seen:
+            note(DUPLICATE_RECORD, f"{where} (as {first_seen[key]})")
+        first_seen.setdefault(key, where)
+        query, pos, neg = record.query.strip(), {p.strip() for p in record.pos}, {n.strip() for n in record.neg}
+        if query in pos:
+            note(QUERY_IS_POSITIVE, where)
+        if query in neg:
+            note(QUERY_IS_NEGATIVE, where)
+        if len(pos) < len(record.pos) or len(neg) < len(record.neg):
+            note(REPEATED_PASSAGE, where)
+        positives_of_query.setdefault(query, set()).update(pos)
+    for record, where in zip(loaded.records, loaded.locations):
+        # a record's own positives are never among its negatives (an error), so this is another record's
+        if any(n.strip() in positives_of_query[record.query.strip()] for n in record.neg):
+            note(NEGATIVE_IS_ANOTHER_POSITIVE, where)
+    return [
+        f"{count} {'record' if count == 1 else 'records'} {kind}: "
+        f"{', '.join(examples[kind])}{', ...' if count > WARNING_EXAMPLES else ''}"
+        for kind, count in found.items()
+    ]
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -113,23 +191,9 @@ def jsonl_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_json_lines(path: Path, problems: list[str]) -> Iterator[tuple[int, Any]]:
-    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON
-    becomes a `FILE:LINE: json: ...` problem instead."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: json: invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            yield line_no, value
-
-
 def load_jsonl(paths: Iterable[Path]) -> LoadResult:
-    records, problems = [], []
+    result = LoadResult([], [])
+    problems = result.problems
     for path in paths:
         if not path.exists():
             problems.append(f"{path}: no such file or directory")
@@ -141,13 +205,10 @@ def load_jsonl(paths: Iterable[Path]) -> LoadResult:
             problems_before, count = len(problems), 0
             for line_no, obj in read_json_lines(file, problems):
                 count += 1
-                found = record_problems(obj)
-                problems += [f"{file}:{line_no}: {p}" for p in found]
-                if not found:
-                    records.append(_to_record(obj))
+                _add_record(result, obj, f"{file}:{line_no}")
             if count == 0 and len(problems) == problems_before:
                 problems.append(f"{file}: no records")
-    return LoadResult(records, problems)
+    return result
 
 
 def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
@@ -175,19 +236,16 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
     if missing:
         raise InputError(f"{where}: column mapping does not fit the dataset", missing)
     columns = {target: column for target, column in mapping.items() if column in dataset.column_names}
-    records, problems = [], []
+    result = LoadResult([], [])
     for row_no, row in enumerate(dataset, start=1):
         obj = {target: row[column] for target, column in columns.items()}
         for name in PASSAGE_LISTS:
             if isinstance(obj.get(name), str):
                 obj[name] = [obj[name]]
-        found = record_problems(obj)
-        problems += [f"{where}:{row_no}: {p}" for p in found]
-        if not found:
-            records.append(_to_record(obj))
+        _add_record(result, obj, f"{where}:{row_no}")
     if not len(dataset):
-        problems.append(f"{where}: no records")
-    return LoadResult(records, problems)
+        result.problems.append(f"{where}: no records")
+    return result
 
 
 def load_training_data(spec: DataSpec, download_dir: Path, storage: StorageSpec | None = None) -> LoadResult:
@@ -348,6 +406,8 @@ def prepare_training_data(
         )
     if not loaded.records:
         raise InputError("training data: no records")
+    for warning in data_warnings(loaded):
+        logger.warning("training data: %s", warning)
     records, eval_set = loaded.records, None
     if spec.held_out_fraction:
         records, eval_set = split_held_out(records, spec.held_out_fraction, seed)

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .data import EvalSet, read_json_lines
+from .data import EvalSet
 from .errors import InputError
+from .jsonl import describe, read_json_lines, text_problem
 from .storage import fetch_to_local
 
 FILES = ("queries.jsonl", "corpus.jsonl", "qrels.jsonl")
@@ -22,12 +23,8 @@ def _rows(path: Path, problems: list[str]) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         problems.append(f"{path}: missing (an evaluation set holds {', '.join(FILES)})")
         return []
-    rows, problems_before = [], len(problems)
-    for line_no, obj in read_json_lines(path, problems):
-        if not isinstance(obj, dict):
-            problems.append(f"{path}:{line_no}: record: expected a JSON object")
-            continue
-        rows.append((line_no, obj))
+    problems_before = len(problems)
+    rows = list(read_json_lines(path, problems))
     if not rows and len(problems) == problems_before:
         problems.append(f"{path}: no records")
     return rows
@@ -39,21 +36,24 @@ def _texts(path: Path, rows, optional: tuple[str, ...], problems: list[str]) -> 
     for line_no, obj in rows:
         where = f"{path}:{line_no}"
         found = [
-            f"{where}: {name}: expected a non-empty string"
-            for name in ("id", "text")
-            if not isinstance(obj.get(name), str) or not obj[name].strip()
-        ]
-        found += [
-            f"{where}: {name}: expected a string" for name in optional if name in obj and not isinstance(obj[name], str)
+            f"{where}: {name}: {problem}"
+            for name in ("id", "text", *optional)
+            if (problem := _field_problem(obj, name, optional=name in optional))
         ]
         if found:
             problems += found
             continue
         if obj["id"] in by_id:
-            problems.append(f"{where}: id: duplicate {obj['id']!r} (first on line {by_id[obj['id']][0]})")
+            problems.append(f"{where}: id: duplicate {describe(obj['id'])} (first on line {by_id[obj['id']][0]})")
             continue
         by_id[obj["id"]] = (line_no, obj)
     return by_id
+
+
+def _field_problem(obj: dict[str, Any], name: str, *, optional: bool) -> str | None:
+    if name not in obj:
+        return None if optional else "missing"
+    return text_problem(obj[name], allow_empty=optional)
 
 
 def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None, region: str | None = None) -> EvalSet:
@@ -73,14 +73,17 @@ def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None, 
         qid, docid, relevance = obj.get("qid"), obj.get("docid"), obj.get("relevance")
         found = []
         if not isinstance(qid, str) or qid not in queries:
-            found.append(f"{where}: qid: {qid!r} is not an id in {queries_file.name}")
+            found.append(f"{where}: qid: {describe(qid)} is not an id in {queries_file.name}")
         if not isinstance(docid, str) or docid not in corpus:
-            found.append(f"{where}: docid: {docid!r} is not an id in {corpus_file.name}")
+            found.append(f"{where}: docid: {describe(docid)} is not an id in {corpus_file.name}")
         if isinstance(relevance, bool) or not isinstance(relevance, int) or relevance < 0:
-            found.append(f"{where}: relevance: expected an integer >= 0 (0 = judged not relevant), got {relevance!r}")
+            found.append(
+                f"{where}: relevance: expected an integer >= 0 (0 = judged not relevant), got {describe(relevance)}"
+            )
         if not found and (qid, docid) in judged_lines:
             found.append(
-                f"{where}: docid: {docid!r} judged twice for query {qid!r} (first on line {judged_lines[qid, docid]})"
+                f"{where}: docid: {describe(docid)} judged twice for query {describe(qid)} "
+                f"(first on line {judged_lines[qid, docid]})"
             )
         if found:
             problems += found
@@ -92,7 +95,7 @@ def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None, 
     # A broken qrels line would also make its query look unjudged: report the cause only.
     if not any(p.startswith(str(qrels_file)) for p in problems):
         problems += [
-            f"{queries_file}:{line_no}: id: query {qid!r} has no relevant passage in {qrels_file.name} "
+            f"{queries_file}:{line_no}: id: query {describe(qid)} has no relevant passage in {qrels_file.name} "
             f"(add a qrels line with relevance > 0, or remove the query)"
             for qid, (line_no, _) in queries.items()
             if qid not in relevant_queries

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import HardNegativesSpec, ModelSpec, StorageSpec, parse_rank_range
-from .data import Record, read_json_lines
+from .data import Record
 from .encoding import encode_passages, encode_queries, load_encoder
 from .errors import InputError
+from .jsonl import read_json_lines, text_problem
 from .search import NO_RESULT, search
 from .storage import fetch_to_local
 
@@ -117,19 +118,30 @@ def _lowest_positive_scores(
 def load_candidates(path: Path) -> list[str]:
     """A candidate pool: JSONL lines of {"text": ...} (FlagEmbedding's candidate_pool format)."""
     texts, problems = [], []
-    try:
-        for line_no, row in read_json_lines(path, problems):
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-                texts.append(row["text"])
-            else:
-                problems.append(f"{path}:{line_no}: text: expected a non-empty string")
-    except OSError as exc:
-        problems.append(f"{path}: cannot read it: {exc}")
-    if problems or not texts:
-        raise InputError(
-            f'candidate pool {path}: expected JSONL lines of {{"text": ...}}', problems or [f"{path}: no candidates"]
-        )
+    for line_no, row in read_json_lines(path, problems):
+        if "text" not in row:
+            problems.append(f"{path}:{line_no}: text: missing")
+        elif problem := text_problem(row["text"]):
+            problems.append(f"{path}:{line_no}: text: {problem}")
+        else:
+            texts.append(row["text"])
+    if not texts and not problems:
+        problems.append(f"{path}: no candidates")
+    if problems:
+        raise InputError(f'candidate pool {path}: expected JSONL lines of {{"text": ...}}', problems)
     return texts
+
+
+def fetch_candidates(
+    spec: HardNegativesSpec, download_dir: Path, storage: StorageSpec | None = None
+) -> list[str] | None:
+    """The candidate pool `spec` names, read and checked; None when it names none (mining then
+    searches the training data's own passages)."""
+    if not spec.candidates:
+        return None
+    endpoint = storage.endpoint if storage else None
+    region = storage.region if storage else None
+    return load_candidates(fetch_to_local(spec.candidates, download_dir, endpoint=endpoint, region=region))
 
 
 def mine_for_training(
@@ -142,11 +154,7 @@ def mine_for_training(
     storage: StorageSpec | None = None,
 ) -> MiningSummary:
     """The trainer's mining step: the base model, encoding exactly as training will."""
-    endpoint = storage.endpoint if storage else None
-    region = storage.region if storage else None
-    candidates = None
-    if spec.candidates:
-        candidates = load_candidates(fetch_to_local(spec.candidates, download_dir, endpoint=endpoint, region=region))
+    candidates = fetch_candidates(spec, download_dir, storage)
     # fp32: every node mines for itself, and half precision could break near-ties differently
     encoder = load_encoder(model_path, model.model_dump(exclude={"base"}), precision="fp32")
     return mine_hard_negatives(records, encoder, spec, seed=seed, candidates=candidates)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedtune.operator.local import localize, merge_patch
+from embedtune.operator.local import check_inputs, localize, merge_patch
+from embedtune.operator.spec import parse_finetune
+from embedtune.trainer.errors import InputError
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
 from support.processes import wait_for_training_step
@@ -184,6 +186,30 @@ def test_invalid_data_stops_before_anything_runs_with_every_problem_listed(tiny_
     for problem in ("train.jsonl:301: pos: empty list", "train.jsonl:302: query:", "train.jsonl:303:"):
         assert problem in result.stderr
     assert not (tmp_path / "embedtune-runs").exists()
+
+
+def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"query": "q", "pos": ["p"], "neg": ["p"]}])
+    write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, {"text": "\udc00"}])
+    manifest = {
+        "apiVersion": "embedtune.io/v1alpha1",
+        "kind": "EmbeddingFinetune",
+        "metadata": {"name": "pool"},
+        "spec": {
+            "model": {"base": "m"},
+            "data": {"train": "train.jsonl", "hardNegatives": {"mine": True, "candidates": "pool.jsonl"}},
+            "evaluation": {"enabled": False},
+        },
+    }
+    spec = parse_finetune(localize(manifest, tmp_path, str(tmp_path / "runs")), on_cluster=False)
+    with pytest.raises(InputError) as caught:
+        check_inputs(spec, tmp_path / "scratch")
+    assert caught.value.problems == [
+        f"{tmp_path / 'train.jsonl'}:1: neg[0]: same text as pos[0] (a passage cannot be both a positive and a "
+        "negative of the query)",
+        f"{tmp_path / 'pool.jsonl'}:2: text: not valid Unicode: lone surrogate \\udc00 at character 1 (a \\u escape "
+        "without its pair)",
+    ]
 
 
 def test_an_invalid_manifest_lists_every_problem(tmp_path, tiny_model):

@@ -7,6 +7,7 @@ from embedtune.operator.cli import main as cli
 from embedtune.trainer.config import DataSpec, HuggingFaceSource
 from embedtune.trainer.data import (
     Record,
+    data_warnings,
     fill_negatives,
     iter_jsonl,
     load_hugging_face,
@@ -33,6 +34,19 @@ BAD_LINES = [
     ('{"query": "q", "pos": ["p"], "pos_scores": [1, 2]}', "pos_scores: 2 scores for 1 pos passages"),
     ('{"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": ["x"]}', "neg_scores: expected a list of numbers"),
     ('{"query": "q", "pos": ["p"], "prompt": 3}', "prompt: expected a string, got int"),
+    ('{"query": "q", "pos": ' + "[" * 3000 + "]" * 3000 + "}", "json: nested too deeply to read"),
+    ('{"query": "q\\ud800", "pos": ["p"]}', "query: not valid Unicode: lone surrogate \\ud800 at character 2"),
+    ('{"query": "q", "pos": ["p", "\\udc00"]}', "pos[1]: not valid Unicode: lone surrogate \\udc00"),
+    ('{"query": "q", "pos": ["p"], "neg": ["n", "x\\ud83d"]}', "neg[1]: not valid Unicode: lone surrogate \\ud83d"),
+    ('{"query": "q", "pos": ["p"], "prompt": "\\ud800"}', "prompt: not valid Unicode: lone surrogate \\ud800"),
+    ('{"query": "q", "pos": ["p", "o"], "neg": ["n", " o"]}', "neg[1]: same text as pos[1] (a passage cannot be both"),
+    ('{"query": "q", "pos": ["p"], "pos_scores": [NaN]}', "pos_scores[0]: expected a finite number, got nan"),
+    (
+        '{"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [-Infinity]}',
+        "neg_scores[0]: expected a finite number",
+    ),
+    ('{"query": "q", "pos": ["p"], "pos_scores": [1e999]}', "pos_scores[0]: expected a finite number, got inf"),
+    ('{"query": "q", "pos": ["p"], "pos_scores": [1' + "0" * 400 + "]}", "pos_scores[0]: expected a finite number"),
 ]
 
 
@@ -73,6 +87,58 @@ def test_check_data_cli_accepts_valid_data(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(5))
     assert cli(["check-data", str(data)]) == 0
     assert "ok: 5 records" in capsys.readouterr().err
+
+
+USELESS = [
+    {"query": "a", "pos": ["b"], "neg": ["c"]},
+    {"query": "a", "pos": ["b"], "neg": ["c"]},  # line 1 again
+    {"query": "a", "pos": ["b"], "neg": ["c"], "prompt": "p: "},  # another prompt: not a repeat
+    {"query": "same", "pos": ["x", " same"]},
+    {"query": "self", "pos": ["x"], "neg": ["self"]},
+    {"query": "d", "pos": ["x", "x"]},
+    {"query": "d", "pos": ["y"], "neg": ["z", "z "]},
+    {"query": " a", "pos": ["e"], "neg": ["b"]},  # "b" is a positive of "a" on line 1
+    *[{"query": "a", "pos": ["b"], "neg": ["c"]}] * 3,
+]
+
+
+def test_useless_records_are_counted_by_kind_with_their_first_lines(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", USELESS)
+    warnings = [
+        f"4 records repeating an earlier record (the same query, pos, neg and prompt): {data}:2 (as {data}:1), "
+        f"{data}:9 (as {data}:1), {data}:10 (as {data}:1), ...",
+        f"1 record whose query is also one of its positives (an identical pair teaches nothing): {data}:4",
+        f"1 record whose query is also one of its negatives: {data}:5",
+        f"2 records with the same passage twice in pos or in neg: {data}:6, {data}:7",
+        f"1 record with a negative that another record of the same query has as a positive (trained both ways): "
+        f"{data}:8",
+    ]
+    assert data_warnings(load_jsonl([data])) == warnings
+    assert cli(["check-data", str(data)]) == 0  # only warnings: still valid
+    assert capsys.readouterr().err.splitlines() == [f"warning: {w}" for w in warnings] + ["ok: 11 records"]
+
+
+def test_training_logs_the_warnings_at_the_start(tmp_path, caplog):
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(5) + [{"query": "p", "pos": ["p"]}])
+    with caplog.at_level("WARNING", logger="embedtune.trainer.data"):
+        prepare_training_data(DataSpec(train=[str(data)]), group_size=2, seed=0, out_dir=tmp_path / "out")
+    assert caplog.messages == [
+        f"training data: 1 record whose query is also one of its positives (an identical pair teaches nothing): "
+        f"{data}:6"
+    ]
+
+
+def test_check_data_checks_a_candidate_pool(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, {"text": "b\udc00"}, {"txt": "c"}])
+    assert cli(["check-data", str(data), "--candidates", str(pool)]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"{pool}:2: text: not valid Unicode: lone surrogate \\udc00 at character 2 (a \\u escape without its pair)",
+        f"{pool}:3: text: missing",
+    ]
+    write_jsonl(pool, [{"text": "a"}, {"text": "b"}])
+    assert cli(["check-data", "--candidates", str(pool)]) == 0
+    assert "ok: 0 records, 2 candidates" in capsys.readouterr().err
 
 
 def test_training_refuses_invalid_data_with_the_same_report(tmp_path):

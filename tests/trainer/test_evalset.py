@@ -35,8 +35,21 @@ def test_valid_set_loads_with_graded_judgments(tmp_path):
 def test_every_problem_names_file_and_line(tmp_path):
     _write(
         tmp_path,
-        queries=[*QUERIES, {"id": "q1", "text": "again"}, {"id": "q3", "text": "never judged"}, {"id": 4}],
-        corpus=[*CORPUS, {"id": "d4", "text": ""}],
+        queries=[
+            *QUERIES,
+            {"id": "q1", "text": "again"},
+            {"id": "q3", "text": "never judged"},
+            {"id": 4},
+            '{"id": "q5", "text": "half a pair \\ud800"}',
+            '{"id": "q6", "text": ' + "[" * 3000 + "]" * 3000 + "}",
+        ],
+        corpus=[
+            *CORPUS,
+            {"id": "d4", "text": ""},
+            {"id": "d5", "text": "fine", "title": 3},
+            '{"id": "d6", "text": "fine", "title": "\\udfff"}',
+            '{"id": "d7", "text": "\\udfff"}',
+        ],
         qrels=[
             *QRELS,
             {"qid": "q1", "docid": "d9", "relevance": 1},
@@ -49,10 +62,15 @@ def test_every_problem_names_file_and_line(tmp_path):
         load_eval_set(str(tmp_path), tmp_path / "dl")
     queries, corpus, qrels = (tmp_path / name for name in ("queries.jsonl", "corpus.jsonl", "qrels.jsonl"))
     assert caught.value.problems == [
+        f"{queries}:7: json: nested too deeply to read (a record is an object of strings, numbers and lists)",
         f"{queries}:3: id: duplicate 'q1' (first on line 1)",
-        f"{queries}:5: id: expected a non-empty string",
-        f"{queries}:5: text: expected a non-empty string",
-        f"{corpus}:4: text: expected a non-empty string",
+        f"{queries}:5: id: expected a string, got int",
+        f"{queries}:5: text: missing",
+        f"{queries}:6: text: not valid Unicode: lone surrogate \\ud800 at character 13 (a \\u escape without its pair)",
+        f"{corpus}:4: text: empty string",
+        f"{corpus}:5: title: expected a string, got int",
+        f"{corpus}:6: title: not valid Unicode: lone surrogate \\udfff at character 1 (a \\u escape without its pair)",
+        f"{corpus}:7: text: not valid Unicode: lone surrogate \\udfff at character 1 (a \\u escape without its pair)",
         f"{qrels}:4: docid: 'd9' is not an id in corpus.jsonl",
         f"{qrels}:5: qid: 'qx' is not an id in queries.jsonl",
         f"{qrels}:6: relevance: expected an integer >= 0 (0 = judged not relevant), got 'high'",
@@ -82,7 +100,7 @@ def test_missing_files_and_bad_json(tmp_path):
     queries = tmp_path / "queries.jsonl"
     assert caught.value.problems == [
         f"{queries}:1: json: invalid JSON (Expecting ',' delimiter at column 12)",
-        f"{queries}:2: record: expected a JSON object",
+        f"{queries}:2: record: expected a JSON object, got list",
         f"{tmp_path / 'corpus.jsonl'}: no records",
         f"{tmp_path / 'qrels.jsonl'}: missing (an evaluation set holds queries.jsonl, corpus.jsonl, qrels.jsonl)",
     ]

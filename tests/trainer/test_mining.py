@@ -194,10 +194,26 @@ def test_hard_negatives_config_is_validated_by_field_path(tmp_path):
 
 
 def test_candidate_pool_problems_name_their_lines(tmp_path):
-    path = write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, "", "{bad", {"text": " "}])
+    path = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            {"text": "a"},
+            "",
+            "{bad",
+            {"text": " "},
+            {"passage": "b"},
+            '{"text": "\\ud800"}',
+            '{"text": ' + "[" * 3000 + "]" * 3000 + "}",
+            '"text"',
+        ],
+    )
     with pytest.raises(InputError) as caught:
         load_candidates(path)
     assert caught.value.problems == [
         f"{path}:3: json: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
-        f"{path}:4: text: expected a non-empty string",
+        f"{path}:4: text: empty string",
+        f"{path}:5: text: missing",
+        f"{path}:6: text: not valid Unicode: lone surrogate \\ud800 at character 1 (a \\u escape without its pair)",
+        f"{path}:7: json: nested too deeply to read (a record is an object of strings, numbers and lists)",
+        f"{path}:8: record: expected a JSON object, got str",
     ]
