@@ -8,12 +8,14 @@ trainer image (no kopf) can both carry this one entry point.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import yaml
 
 from embedtune.trainer import commands as trainer_commands
+from embedtune.trainer.contract import DNS_LABEL, DNS_LABEL_MAX_LENGTH
 from embedtune.trainer.errors import EXIT_INPUT_ERROR, EXIT_OK, InputError
 
 from .manifests import read_manifests
@@ -80,22 +82,27 @@ def _add_render(commands: argparse._SubParsersAction) -> None:
         "training Job and evaluation Job of each EmbeddingFinetune in FILE (first run, first attempt).",
     )
     parser.add_argument("file", type=Path, help="YAML file with one or more manifests")
-    parser.add_argument("--namespace", default="default", help="for manifests without one (default: default)")
+    parser.add_argument(
+        "--namespace", type=_dns_label, default="default", help="for manifests without one (default: default)"
+    )
     add_default_arguments(parser)
     parser.set_defaults(func=_render)
 
 
 def _render(args: argparse.Namespace) -> int:
     from .defaults import ClusterDefaults
-    from .render import Run, build_evaluation_job, build_run_objects, plan_evaluation, plan_training
+    from .render import Run, build_evaluation_job, build_run_objects, plan_evaluation, plan_training, run_id_of
     from .spec import parse_finetune
 
     objects = []
     defaults = ClusterDefaults.from_args(args)
     for manifest in read_manifests(args.file):
-        spec = defaults.apply(parse_finetune(manifest))
+        spec = parse_finetune(manifest)
         metadata = manifest["metadata"]
-        run = Run(metadata.get("namespace") or args.namespace, metadata["name"], str(metadata.get("generation", 1)))
+        fingerprint = spec.run_fingerprint()
+        run_id = run_id_of(metadata.get("generation", 1), metadata.get("uid", ""), fingerprint)
+        run = Run(metadata.get("namespace") or args.namespace, metadata["name"], run_id, fingerprint)
+        spec = defaults.apply(spec)
         objects += build_run_objects(spec, plan_training(spec, run, 1, spec.run_policy.active_deadline_seconds))
         if spec.evaluation.enabled:
             objects.append(build_evaluation_job(spec, plan_evaluation(spec, run, 1)))
@@ -114,6 +121,12 @@ def _represent_str(dumper, value: str):
 _BlockStringDumper.add_representer(str, _represent_str)
 
 
+def _dns_label(text: str) -> str:
+    if not re.fullmatch(DNS_LABEL, text) or len(text) > DNS_LABEL_MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a DNS label (lowercase letters, digits, '-')")
+    return text
+
+
 # --- run ----------------------------------------------------------------------------------
 
 
@@ -123,8 +136,11 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         help="run an EmbeddingFinetune on this machine: data, training, evaluation",
         description="Validate the manifest and its data, train (all local GPUs, or CPU), evaluate base vs "
         "fine-tuned and print the metrics and the final status, with the operator's own planner. Relative "
-        "paths in the manifest are relative to its folder. Ctrl-C stores a checkpoint; the same command "
-        "resumes. Exit codes: 0 succeeded, 2 invalid manifest or data, 130 interrupted, 1 failed.",
+        "paths in the manifest are relative to its folder. Ctrl-C (or SIGTERM) stores a checkpoint; the same "
+        "command resumes. Exit codes: 0 succeeded; 2 invalid manifest, data, model, bucket or credentials, or "
+        "training diverged; 130/143 stopped (Ctrl-C/SIGTERM); 75 storage unreachable for "
+        "spec.storage.retrySeconds (the same command continues); 3 another run of the resource is in progress; "
+        "1 failed.",
     )
     parser.add_argument("file", type=Path, help="YAML file with one EmbeddingFinetune manifest")
     parser.add_argument(

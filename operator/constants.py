@@ -72,6 +72,8 @@ class Reason(StrEnum):
     """Why a transition happened; the `reason` of conditions and Events."""
 
     INVALID_SPEC = "InvalidSpec"
+    POLICY_REFUSED = "PolicyRefused"
+    CHILD_CONFLICT = "ChildConflict"
     JOB_CREATED = "JobCreated"
     TRAINING_STARTED = "TrainingStarted"
     TRAINING_SUCCEEDED = "TrainingSucceeded"

@@ -2,7 +2,8 @@
 
 The trainer and the evaluator exit 2 when the input is wrong (retrying cannot help) and write
 a TerminationMessage (contract.py) saying why. Everything else (OOM kills, evictions,
-preemption, lost nodes, other exit codes) is infrastructure: worth a new attempt from the
+preemption, lost nodes, storage unreachable for its whole retry window (exit 75, reason
+StorageUnavailable), other exit codes) is infrastructure: worth a new attempt from the
 last checkpoint.
 """
 

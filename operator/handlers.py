@@ -29,10 +29,14 @@ from .constants import (
 )
 from .defaults import ClusterDefaults
 from .failures import job_failed
-from .kube import Kube, new_api_client
-from .lifecycle import Plan, plan_reconcile
+from .kube import ChildConflict, Kube, new_api_client, owned_by
+from .lifecycle import Plan, plan_conflict, plan_reconcile
 
 logger = logging.getLogger(__name__)
+
+# A child's name taken by an object that is not ours: try again after this long (the user
+# deletes or renames it).
+CONFLICT_RETRY_SECONDS = 30
 
 
 @kopf.on.startup()
@@ -87,14 +91,25 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str) -> Plan | None:
             memo.locks.pop((namespace, name), None)
             return None  # deleted: the children go by their owner references
         selector = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_FINETUNE: name}
-        jobs = kube.list("batch/v1", "Job", namespace, selector)
+        # Only this resource's own Jobs: anything else with its labels is not ours to read.
+        jobs = [
+            job for job in kube.list("batch/v1", "Job", namespace, selector) if owned_by(job, finetune_uid(finetune))
+        ]
         # Pods matter only to explain a failure; skip the listing otherwise.
         pods = kube.list("v1", "Pod", namespace, selector) if any(job_failed(job) for job in jobs) else []
         now = datetime.datetime.now(tz=datetime.UTC)
         plan = plan_reconcile(finetune, jobs, pods, memo.defaults, now)
-        apply_plan(kube, finetune, plan)
+        try:
+            apply_plan(kube, finetune, plan)
+        except ChildConflict as conflict:
+            apply_plan(kube, finetune, plan_conflict(finetune, str(conflict), now))
+            raise kopf.TemporaryError(str(conflict), delay=CONFLICT_RETRY_SECONDS) from conflict
         metrics.observe_plan(finetune, plan, now)
         return plan
+
+
+def finetune_uid(finetune: dict[str, Any]) -> str:
+    return finetune["metadata"]["uid"]
 
 
 def apply_plan(kube: Kube, finetune: dict[str, Any], plan: Plan) -> None:

@@ -39,6 +39,21 @@ def _collection(api_version: str, kind_plural: str, namespace: str) -> str:
     return f"{prefix}/namespaces/{namespace}/{kind_plural}"
 
 
+class ChildConflict(Exception):
+    """An object with a child's name exists and belongs to something else."""
+
+    def __init__(self, kind: str, name: str):
+        self.kind, self.name = kind, name
+        super().__init__(
+            f"{kind} {name} already exists and does not belong to this EmbeddingFinetune; delete or rename it "
+            "(the operator never uses objects it did not create)"
+        )
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
 class Kube:
     def __init__(self, api_client):
         self.api_client = api_client
@@ -68,16 +83,20 @@ class Kube:
         return json.loads(response.data or b"{}")
 
     def create_if_absent(self, obj: dict[str, Any]) -> bool:
-        """True if created now, False if it existed."""
+        """True if created now, False if it existed already as this owner's child; an object of
+        that name that belongs to someone else is a ChildConflict, never taken over."""
         from kubernetes.client.exceptions import ApiException
 
         path = _collection(obj["apiVersion"], _PLURALS[obj["kind"]], obj["metadata"]["namespace"])
         try:
             self._call("POST", path, obj)
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+            if exc.status != 409:
+                raise
+            existing = self._call("GET", f"{path}/{obj['metadata']['name']}")
+            if not any(owned_by(existing, ref["uid"]) for ref in obj["metadata"].get("ownerReferences", [])):
+                raise ChildConflict(obj["kind"], obj["metadata"]["name"]) from exc
+            return False
         return True
 
     def delete_job(self, namespace: str, name: str) -> None:

@@ -34,6 +34,7 @@ from .render import (
     model_uri,
     plan_evaluation,
     plan_training,
+    run_id_of,
     training_job_name,
 )
 from .spec import EmbeddingFinetuneSpec, parse_finetune
@@ -150,7 +151,9 @@ class _Planner:
         # After the fingerprint: a changed default (a new trainer image) applies to the next
         # Job created, it does not start a new run of every resource.
         spec = self.defaults.apply(spec)
-        run = Run(self.metadata["namespace"], self.metadata["name"], self.current("runId"))
+        run = Run(
+            self.metadata["namespace"], self.metadata["name"], self.current("runId"), self.current("specFingerprint")
+        )
         self.drop_superseded_reports(run.run_id)
         phase = Phase(self.current("phase"))
         if phase.finished:
@@ -171,7 +174,7 @@ class _Planner:
         previous_run = self.status.get("runId")
         if previous_run is not None:
             self.archive_run(spec, previous_run)
-        run_id = str(self.metadata.get("generation", 1))
+        run_id = run_id_of(self.metadata.get("generation", 1), self.metadata.get("uid", ""), spec.run_fingerprint())
         self.plan.status.update(
             {
                 "runId": run_id,
@@ -278,11 +281,20 @@ class _Planner:
                 warning=True,
             )
             return False
+        if not self.allowed_by_policy(spec):
+            return False
         launch = plan_training(spec, run, attempt, deadline)
         self.plan.launches.append(launch)
         self.plan.create += build_run_objects(spec, launch)
         self.update_training(job=launch.name)
         return True
+
+    def allowed_by_policy(self, spec: EmbeddingFinetuneSpec) -> bool:
+        """Checked before each Job is created, so a narrowed policy stops the next one too."""
+        problems = self.defaults.policy.problems(spec)
+        if problems:
+            self.set_phase(Phase.FAILED, Reason.POLICY_REFUSED, "; ".join(problems), warning=True)
+        return not problems
 
     def remaining_deadline(self, spec: EmbeddingFinetuneSpec) -> int | None:
         limit = spec.run_policy.active_deadline_seconds
@@ -331,6 +343,8 @@ class _Planner:
         job = self.jobs.get(name)
         self.plan.status["evaluation"] = {"job": name, "attempt": attempt}
         if job is None:
+            if not self.allowed_by_policy(spec):
+                return
             launch = plan_evaluation(spec, run, attempt)
             self.plan.launches.append(launch)
             self.plan.create.append(build_evaluation_job(spec, launch))
@@ -383,6 +397,14 @@ class _Planner:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded; {message}")
         else:
             self.set_phase(Phase.FAILED, reason, message, warning=True)
+
+
+def plan_conflict(finetune: dict[str, Any], message: str, now: datetime.datetime) -> Plan:
+    """A child the run needs has its name taken by an object that is not the resource's: the
+    run waits in its phase, with the reason in the status, until the name is free."""
+    planner = _Planner(finetune, [], [], ClusterDefaults(), now, on_cluster=True)
+    planner.set_phase(Phase(planner.current("phase") or Phase.PENDING), Reason.CHILD_CONFLICT, message, warning=True)
+    return planner.plan
 
 
 def plan_reconcile(

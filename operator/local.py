@@ -12,8 +12,9 @@ the same rendered objects. This module plays the parts Kubernetes plays there:
   evaluator in one process;
 - the pods' status reports: progress and metrics are read from the files the jobs write.
 
-Ctrl-C makes the trainer store a checkpoint at the next step and stop; running the same
-command again continues the same run from that checkpoint.
+Ctrl-C, or SIGTERM to this command, makes the trainer store a checkpoint at the next step and
+stop; running the same command again continues the same run from that checkpoint. One run of
+a resource holds its lock in the storage (run_lock.py), so a second one refuses to start.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,14 @@ from embedtune.trainer.contract import (
     TrainerConfig,
     dump_config,
 )
-from embedtune.trainer.errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
+from embedtune.trainer.errors import (
+    EXIT_FAILURE,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InputError,
+    StorageUnavailable,
+)
 from embedtune.trainer.layout import join
 from embedtune.trainer.storage import open_storage
 
@@ -50,11 +59,15 @@ from .constants import API_VERSION, KIND, Phase, Reason
 from .defaults import ClusterDefaults
 from .lifecycle import JOB_NAME_LABEL, plan_reconcile
 from .render import JobLaunch, Run, metrics_key
+from .run_lock import RunLock, RunLocked
 from .spec import EmbeddingFinetuneSpec, parse_finetune
 
 logger = logging.getLogger(__name__)
 
 RESOURCE_FILE = "resource.yaml"
+LOCK_FILE = "run.lock"
+# Another run of the resource holds its lock: try again when it has ended.
+EXIT_BUSY = 3
 # No image runs here, and the manifest's own storage settings are the only ones.
 LOCAL_DEFAULTS = ClusterDefaults(trainer_image="(this machine)")
 # Ctrl-C ends a child with 130 when it handles the signal (the trainer), or by the signal itself
@@ -121,13 +134,22 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
-    """Every problem of the training data, the candidate pool and the evaluation set, before anything runs."""
+    """Every problem of the base model, the training data, the candidate pool and the evaluation
+    set, before anything runs."""
     from embedtune.trainer.data import load_training_data
     from embedtune.trainer.evalset import load_eval_set
     from embedtune.trainer.mining import fetch_candidates
+    from embedtune.trainer.model_loading import load_tokenizer_and_encoder
+    from embedtune.trainer.storage import fetch_to_local
 
+    problems = []
+    try:  # loaded as the trainer loads it, then dropped
+        base = fetch_to_local(spec.model.base, scratch / "model", spec.storage)
+        load_tokenizer_and_encoder(str(base), trust_remote_code=spec.model.trust_remote_code)
+    except InputError as exc:
+        problems.append(exc.summary)
     loaded = load_training_data(spec.data.for_trainer(), scratch / "data", spec.storage)
-    problems = list(loaded.problems)
+    problems += loaded.problems
     if spec.data.hard_negatives is not None and spec.data.hard_negatives.mine:
         try:
             fetch_candidates(spec.data.hard_negatives, scratch / "candidates", spec.storage)
@@ -135,11 +157,11 @@ def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
             problems += exc.problems or [exc.summary]
     if spec.evaluation.enabled and spec.data.eval is not None:
         try:
-            load_eval_set(spec.data.eval, scratch / "eval", endpoint=spec.storage.endpoint, region=spec.storage.region)
+            load_eval_set(spec.data.eval, scratch / "eval", spec.storage)
         except InputError as exc:
             problems += exc.problems or [exc.summary]
     if problems:
-        raise InputError(f"{len(problems)} problems in the data; fix them and run again", problems)
+        raise InputError(f"{len(problems)} problems in the model and data; fix them and run again", problems)
 
 
 @dataclass
@@ -187,12 +209,17 @@ class LocalRun:
 
     @functools.cached_property
     def storage(self):  # one client for the whole command
-        return open_storage(self.spec.storage.uri, endpoint=self.spec.storage.endpoint, region=self.spec.storage.region)
+        return open_storage(self.spec.storage.uri, self.spec.storage)
 
     @property
     def resource_key(self) -> str:
         metadata = self.manifest["metadata"]
         return join(metadata["namespace"], metadata["name"], RESOURCE_FILE)
+
+    @property
+    def lock_key(self) -> str:
+        metadata = self.manifest["metadata"]
+        return join(metadata["namespace"], metadata["name"], LOCK_FILE)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -211,7 +238,10 @@ class LocalRun:
             generation += 1
         if new_run:
             status = status | {"specFingerprint": None}
-        metadata = self.manifest["metadata"] | {"generation": generation}
+        # The API server gives every resource a uid; here the stored resource keeps one, and a
+        # resource created anew (its resource.yaml deleted) gets another, as on a cluster.
+        uid = previous["metadata"].get("uid") if previous else None
+        metadata = self.manifest["metadata"] | {"generation": generation, "uid": uid or uuid.uuid4().hex}
         self.resource = {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -221,7 +251,13 @@ class LocalRun:
         }
 
     def save(self) -> None:
-        self.storage.write_bytes(self.resource_key, yaml.safe_dump(self.resource, sort_keys=False).encode())
+        try:
+            self.storage.write_bytes(self.resource_key, yaml.safe_dump(self.resource, sort_keys=False).encode())
+        except StorageUnavailable as exc:  # what was stored is still the record: running again continues from it
+            raise StorageUnavailable(
+                f"{exc}; the run's status ({self.status.get('phase')}: {self.status.get('message')}) was not "
+                f"saved to {self.storage.uri_for(self.resource_key)}; the same command continues the run"
+            ) from exc
 
     def reconcile(self) -> None:
         plan = plan_reconcile(
@@ -245,8 +281,8 @@ class LocalRun:
     def next_job(self) -> LocalJob | None:
         return next((job for job in self.jobs.values() if job.exit_code is None), None)
 
-    def run_job(self, job: LocalJob) -> bool:
-        """Run one Job to its end; False when the user interrupted it."""
+    def run_job(self, job: LocalJob) -> int | None:
+        """Run one Job to its end; the signal that stopped it, when the user stopped it."""
         from embedtune.trainer.launch import run_child
 
         work = self.scratch / job.name
@@ -262,14 +298,19 @@ class LocalRun:
         deadline = job.launch.deadline_seconds
         started = time.monotonic()
         # stdout is for the run's result; what the jobs print is progress, like their logs
-        job.exit_code = run_child(command, env, timeout=deadline, stdout=sys.stderr)
+        ended = run_child(command, env, timeout=deadline, stdout=sys.stderr)
+        job.exit_code = ended.exit_code
         job.deadline_exceeded = deadline is not None and time.monotonic() - started >= deadline
         job.termination_message = termination_log.read_text() if termination_log.exists() else ""
         if job.launch.program is Program.TRAINER:
             self.report_training(work)
         elif job.exit_code == 0:
             self.report_metrics()
-        return job.exit_code not in _INTERRUPTED_CODES
+        # Stopped by the user (Ctrl-C, or SIGTERM to this command): not a failure to retry, as a
+        # pod's 143 is on a cluster; the same command resumes.
+        if ended.signal is not None:
+            return ended.signal
+        return signal.SIGINT if job.exit_code in _INTERRUPTED_CODES else None
 
     @staticmethod
     def local_config(config: TrainerConfig | EvaluationConfig, work: Path) -> TrainerConfig | EvaluationConfig:
@@ -317,29 +358,38 @@ def run_finetune(manifest: dict[str, Any], manifest_dir: Path, options: LocalOpt
     manifest = localize(manifest, manifest_dir, options.default_storage)
     spec = parse_finetune(manifest, on_cluster=False)
     with tempfile.TemporaryDirectory(prefix="embedtune-run-") as temporary:
-        scratch = options.work_dir or Path(temporary)
-        run = LocalRun(manifest, spec, options, scratch)
+        run = LocalRun(manifest, spec, options, options.work_dir or Path(temporary))
         run.load()
         if run.status.get("specFingerprint") != spec.run_fingerprint():  # not a run to resume
-            check_inputs(spec, scratch / "check")
+            check_inputs(spec, run.scratch / "check")  # before anything is written
+        try:
+            with RunLock(run.storage, run.lock_key):
+                run.load()  # again: another run may have ended while the inputs were checked
+                return run_to_end(run)
+        except RunLocked as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_BUSY
+
+
+def run_to_end(run: LocalRun) -> int:
+    run.reconcile()
+    if Phase(run.status["phase"]).finished and not run.jobs:
+        print(
+            f"run {run.status['runId']} already {run.status['phase']}; a changed spec or --new-run starts a new one",
+            file=sys.stderr,
+        )
+    while not Phase(run.status["phase"]).finished and Phase(run.status["phase"]) is not Phase.SUSPENDED:
+        job = run.next_job()
+        if job is None:  # the planner waits for something that will not happen here
+            raise RuntimeError(f"nothing to run in phase {run.status['phase']}: {run.status.get('message')}")
+        run.reconcile()  # the Job is running: phase Training or Evaluating
+        stopped_by = run.run_job(job)
+        if stopped_by is not None:
+            run.save()
+            print_interrupted(run)
+            return 128 + stopped_by  # as a shell reports a process ended by the signal
         run.reconcile()
-        if Phase(run.status["phase"]).finished and not run.jobs:
-            print(
-                f"run {run.status['runId']} already {run.status['phase']}; a changed spec or --new-run "
-                "starts a new one",
-                file=sys.stderr,
-            )
-        while not Phase(run.status["phase"]).finished and Phase(run.status["phase"]) is not Phase.SUSPENDED:
-            job = run.next_job()
-            if job is None:  # the planner waits for something that will not happen here
-                raise RuntimeError(f"nothing to run in phase {run.status['phase']}: {run.status.get('message')}")
-            run.reconcile()  # the Job is running: phase Training or Evaluating
-            if not run.run_job(job):
-                run.save()
-                print_interrupted(run)
-                return EXIT_INTERRUPTED
-            run.reconcile()
-        print_summary(run)
+    print_summary(run)
     return exit_code(run.status)
 
 

@@ -30,12 +30,13 @@ NAMESPACED_RULES = (
     Rule(GROUP, (PLURAL,), ("get", "list", "watch", "patch")),
     # The operator patches status; `get` is held only to grant it to the job pods.
     Rule(GROUP, (f"{PLURAL}/status",), ("get", "patch")),
-    Rule("batch", ("jobs",), ("list", "watch", "create", "delete")),
+    # `get`: a child's name already taken is checked for our owner reference (never used otherwise).
+    Rule("batch", ("jobs",), ("get", "list", "watch", "create", "delete")),
     # A failed Job's pods explain the failure.
     Rule("", ("pods",), ("list",)),
     # The children of a run; they go with the resource by owner references, never deleted here.
-    Rule("", ("configmaps", "serviceaccounts", "services"), ("create",)),
-    Rule("rbac.authorization.k8s.io", ("rolebindings", "roles"), ("create",)),
+    Rule("", ("configmaps", "serviceaccounts", "services"), ("get", "create")),
+    Rule("rbac.authorization.k8s.io", ("rolebindings", "roles"), ("get", "create")),
     Rule("", ("events",), ("create",)),
 )
 

@@ -12,6 +12,7 @@ nothing else. Owner references are added by the caller (`kopf.adopt`), which kno
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,14 @@ WORK_DIR = "/scratch"
 _USER_ID = 1000
 
 
+def run_id_of(generation: int, uid: str, spec_fingerprint: str) -> str:
+    """`<generation>-<digest of the resource's uid and spec>`: a run's identity in storage,
+    status and labels. A deleted and re-created resource (a new uid, the generation counting
+    from 1 again) or another spec never meets an earlier run's checkpoints or model."""
+    digest = hashlib.sha256(f"{uid}/{spec_fingerprint}".encode()).hexdigest()[:6]
+    return f"{generation}-{digest}"
+
+
 @dataclass(frozen=True)
 class Run:
     """Which run of which resource the children belong to."""
@@ -53,13 +62,26 @@ class Run:
     namespace: str
     name: str
     run_id: str
+    spec_fingerprint: str | None = None
 
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.namespace, self.name, self.run_id)
 
+    @property
+    def generation(self) -> str:
+        """Names of Kubernetes objects carry only the generation: they must fit a DNS label with
+        the resource's name, and the owner reference ties them to one incarnation."""
+        return self.run_id.partition("-")[0]
+
     def identity(self, *, report_status: bool = True) -> RunIdentity:
-        return RunIdentity(namespace=self.namespace, name=self.name, run_id=self.run_id, report_status=report_status)
+        return RunIdentity(
+            namespace=self.namespace,
+            name=self.name,
+            run_id=self.run_id,
+            spec_fingerprint=self.spec_fingerprint,
+            report_status=report_status,
+        )
 
 
 # --- names and storage locations -----------------------------------------------------------
@@ -74,15 +96,15 @@ def service_name(run: Run) -> str:
 
 
 def config_map_name(run: Run) -> str:
-    return f"{run.name}-config-{run.run_id}"
+    return f"{run.name}-config-{run.generation}"
 
 
 def training_job_name(run: Run, attempt: int) -> str:
-    return f"{run.name}-train-{run.run_id}-{attempt}"
+    return f"{run.name}-train-{run.generation}-{attempt}"
 
 
 def evaluation_job_name(run: Run, attempt: int) -> str:
-    return f"{run.name}-eval-{run.run_id}-{attempt}"
+    return f"{run.name}-eval-{run.generation}-{attempt}"
 
 
 def storage_uri(spec: EmbeddingFinetuneSpec, prefix: str) -> str:

@@ -24,13 +24,14 @@ from embedtune.trainer.config import (
     TrainingSpec,
     problems_from_validation_error,
 )
+from embedtune.trainer.contract import DNS_LABEL, DNS_LABEL_MAX_LENGTH
 from embedtune.trainer.errors import InputError
 
 from .constants import API_VERSION, KIND, MAX_NAME_LENGTH
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 _GATE_METRIC = re.compile(r"^(ndcg|recall|mrr|map|precision)@([0-9]+)$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(DNS_LABEL)
 
 
 class FinetuneDataSpec(DataSpec):
@@ -123,8 +124,9 @@ class EmbeddingFinetuneSpec(CamelModel):
     run_policy: RunPolicySpec = RunPolicySpec()
 
     def run_fingerprint(self) -> str:
-        """Changes exactly when a change of the spec needs a new run: runPolicy does not."""
-        relevant = self.model_dump(mode="json", exclude={"run_policy"})
+        """Changes exactly when a change of the spec needs a new run: runPolicy and the storage
+        retry window do not."""
+        relevant = self.model_dump(mode="json", exclude={"run_policy": True, "storage": {"retry_seconds"}})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,21 +156,48 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
     return problems
 
 
+def metadata_problems(manifest: dict[str, Any]) -> list[str]:
+    """The metadata fields embedtune reads: names become object names and storage keys, so
+    they must be DNS labels (nothing else may reach a path or a pod's hostname)."""
+    metadata = manifest.get("metadata")
+    if not isinstance(metadata, dict):
+        return [f"metadata: expected a mapping with a name, got {_json_type(metadata)}"]
+    problems = []
+    name = metadata.get("name")
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        problems.append(
+            f"metadata.name: must be a DNS label of at most {MAX_NAME_LENGTH} characters "
+            "(lowercase letters, digits, '-'); the Job and pod names derive from it"
+        )
+    namespace = metadata.get("namespace")
+    if namespace is not None and (
+        not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace) or len(namespace) > DNS_LABEL_MAX_LENGTH
+    ):
+        problems.append(
+            f"metadata.namespace: must be a DNS label of at most {DNS_LABEL_MAX_LENGTH} characters "
+            "(lowercase letters, digits, '-')"
+        )
+    return problems
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
 def parse_finetune(manifest: Any, *, on_cluster: bool = True) -> EmbeddingFinetuneSpec:
     """The spec of an EmbeddingFinetune manifest; InputError lists every problem found."""
     if not isinstance(manifest, dict):
-        raise InputError("not an EmbeddingFinetune manifest", ["(document): must be a mapping"])
+        raise InputError(
+            "not an EmbeddingFinetune manifest", [f"(document): expected a mapping, got {_json_type(manifest)}"]
+        )
     problems = []
     if manifest.get("apiVersion") != API_VERSION:
         problems.append(f"apiVersion: must be {API_VERSION}")
     if manifest.get("kind") != KIND:
         problems.append(f"kind: must be {KIND}")
-    name = (manifest.get("metadata") or {}).get("name") or ""
-    if not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
-        problems.append(
-            f"metadata.name: must be a DNS label of at most {MAX_NAME_LENGTH} characters "
-            "(lowercase letters, digits, '-'); the Job and pod names derive from it"
-        )
+    problems += metadata_problems(manifest)
     spec = None
     try:
         spec = EmbeddingFinetuneSpec.model_validate(manifest.get("spec"))
@@ -178,5 +207,11 @@ def parse_finetune(manifest: Any, *, on_cluster: bool = True) -> EmbeddingFinetu
         # Only a spec whose fields are valid can be checked across fields.
         problems.extend(cross_field_problems(spec, on_cluster=on_cluster))
     if problems:
-        raise InputError(f"invalid {KIND} {name or '(unnamed)'}", problems)
+        raise InputError(f"invalid {KIND} {_name_of(manifest)}", problems)
     return spec
+
+
+def _name_of(manifest: dict[str, Any]) -> str:
+    metadata = manifest.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return name if isinstance(name, str) and name else "(unnamed)"

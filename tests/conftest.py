@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -46,6 +47,28 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_user(s3_endpoint):
+    """Credentials of an IAM user allowed everything on S3, and moto checking every request's
+    signature against IAM while the test runs."""
+    import boto3
+    from moto.core.authorization import enable_iam_authentication
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint)
+    name = f"user-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=name)
+    iam.put_user_policy(
+        UserName=name,
+        PolicyName="s3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    with enable_iam_authentication():
+        yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import StorageUnavailable
 from .layout import COMPLETE_MARKER, PARTS_DIR, RunLayout, join, step_of_checkpoint_dir
-from .storage import Storage, StoredObject
+from .storage import Storage, StoredObject, UnsafeKey
 
 logger = logging.getLogger(__name__)
 
@@ -147,21 +148,30 @@ class CheckpointStore:
     def download(self, step: int, dest: Path) -> Path:
         """Fetch every file the marker lists and check sizes and checksums."""
         prefix = self.layout.checkpoint_prefix(step)
-        marker = json.loads(self.storage.read_bytes(join(prefix, COMPLETE_MARKER)) or b"null")
-        if not marker:
-            raise CorruptCheckpoint(f"checkpoint-{step} has no completion marker")
+        marker = self.storage.read_bytes(join(prefix, COMPLETE_MARKER))
+        try:
+            files = [FileEntry(**f) for f in json.loads(marker)["files"]]
+        except (TypeError, KeyError, ValueError) as exc:  # no marker, or a truncated or malformed one
+            raise CorruptCheckpoint(f"checkpoint-{step}: its completion marker is missing or unreadable") from exc
         if dest.exists():
             shutil.rmtree(dest)
-        objects = [StoredObject(join(prefix, f["path"]), f["size"]) for f in marker["files"]]
-        self.storage.download_dir(prefix, dest, keys=objects, desc=f"download checkpoint-{step}")
-        for f in marker["files"]:
-            local = dest / f["path"]
-            if local.stat().st_size != f["size"] or sha256_of(local) != f["sha256"]:
-                raise CorruptCheckpoint(f"checkpoint-{step}: {f['path']} does not match its manifest")
+        objects = [StoredObject(join(prefix, f.path), f.size) for f in files]
+        try:
+            self.storage.download_dir(prefix, dest, keys=objects, desc=f"download checkpoint-{step}")
+        except FileNotFoundError as exc:
+            raise CorruptCheckpoint(f"checkpoint-{step}: a file its marker lists is gone: {exc}") from exc
+        except UnsafeKey as exc:
+            raise CorruptCheckpoint(f"checkpoint-{step}: its marker lists a file outside it: {exc}") from exc
+        for f in files:
+            local = dest / f.path
+            if local.stat().st_size != f.size or sha256_of(local) != f.sha256:
+                raise CorruptCheckpoint(f"checkpoint-{step}: {f.path} does not match its manifest")
         return dest
 
     def download_latest(self, dest_parent: Path) -> tuple[int, Path] | None:
-        """The newest complete checkpoint that verifies; a corrupt one falls back to the one before."""
+        """The newest complete checkpoint that verifies; a corrupt one (a file changed or gone, a
+        broken marker) falls back to the one before. An outage is no reason to fall back: it
+        raises StorageUnavailable."""
         for step in self.complete_steps():
             try:
                 return step, self.download(step, dest_parent / f"checkpoint-{step}")
@@ -169,12 +179,24 @@ class CheckpointStore:
                 logger.error("%s; trying an older checkpoint", exc)
         return None
 
+    def resume_hint(self, stored_step: int | None) -> str:
+        """Where running again starts, given the newest stored checkpoint."""
+        if stored_step is None:
+            return "no checkpoint of this run is stored; running again starts training from the beginning"
+        return (
+            f"the last stored checkpoint is step {stored_step} ({self.uri(stored_step)}); running again resumes from it"
+        )
+
 
 class CheckpointUploader:
-    """Uploads checkpoints in a background thread so training does not wait for storage.
+    """Uploads checkpoints in a background thread, one at a time: training goes on while a
+    checkpoint uploads, and the next save waits until it is stored, so training never runs
+    more than one checkpoint interval ahead of storage. An upload that fails (storage down
+    longer than its retry window) fails training at the next save, or at `close`.
 
     `submit` hard-links the checkpoint into a staging folder first (instant, same
     filesystem), so the Trainer may rotate its local copy while the upload runs.
+    `stored_step` is the newest checkpoint this node has stored (on node 0: marked complete).
     """
 
     def __init__(
@@ -185,6 +207,7 @@ class CheckpointUploader:
         node_rank: int,
         num_nodes: int,
         keep: int,
+        stored_step: int | None = None,
         on_complete: Callable[[int, str], None] | None = None,
     ):
         self.store = store
@@ -192,57 +215,65 @@ class CheckpointUploader:
         self.node_rank = node_rank
         self.num_nodes = num_nodes
         self.keep = keep
+        self.stored_step = stored_step
         self.on_complete = on_complete
         self.failed: list[int] = []
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="checkpoint-upload", initializer=_yield_cpu_to_training
         )
-        self._pending: list[Future] = []
-        self._lock = threading.Lock()
+        self._in_flight: tuple[int, Future] | None = None
 
     def submit(self, step: int, checkpoint_dir: Path) -> None:
+        self.wait()
         snapshot = self.staging / checkpoint_dir.name
         if snapshot.exists():
             shutil.rmtree(snapshot)
         shutil.copytree(checkpoint_dir, snapshot, copy_function=_link_or_copy)
-        with self._lock:
-            self._pending.append(self._pool.submit(self._upload, step, snapshot))
+        self._in_flight = step, self._pool.submit(self._upload, step, snapshot)
 
     def _upload(self, step: int, snapshot: Path) -> None:
         started = time.monotonic()
         try:
-            entries = self.store.upload_part(snapshot, step, self.node_rank)
+            try:
+                entries = self.store.upload_part(snapshot, step, self.node_rank)
+                complete = self.node_rank != 0 or self.store.mark_complete(step, self.num_nodes)
+            except StorageUnavailable as exc:
+                raise StorageUnavailable(
+                    f"checkpoint-{step} was not stored: {exc}; {self.store.resume_hint(self.stored_step)}"
+                ) from exc
+            if not complete:
+                self.failed.append(step)
+                return
+            self.stored_step = step
             if self.node_rank == 0:
-                if not self.store.mark_complete(step, self.num_nodes):
-                    self.failed.append(step)
-                    return
+                if self.on_complete is not None:
+                    self.on_complete(step, self.store.uri(step))
                 pruned = self.store.prune(self.keep)
-                size = sum(e.size for e in entries)
                 logger.info(
                     "checkpoint-%d stored at %s (%.1f MB in %.1fs)%s",
                     step,
                     self.store.uri(step),
-                    size / 1e6,
+                    sum(e.size for e in entries) / 1e6,
                     time.monotonic() - started,
                     f"; pruned {pruned}" if pruned else "",
                 )
-                if self.on_complete is not None:
-                    self.on_complete(step, self.store.uri(step))
-        except Exception:  # storage outage: keep training, the next checkpoint tries again
-            logger.exception("upload of checkpoint-%d failed", step)
-            self.failed.append(step)
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
     def wait(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        """Until the checkpoint in flight is stored; raises what its upload raised."""
+        if self._in_flight is None:
+            return
+        (step, future), self._in_flight = self._in_flight, None
+        if not future.done():
+            logger.info("training waits for checkpoint-%d to be stored", step)
+        future.result()
 
     def close(self) -> None:
-        self.wait()
-        self._pool.shutdown()
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _yield_cpu_to_training() -> None:

@@ -16,9 +16,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import StorageAccess, problems_from_validation_error
+from .config import DEFAULT_STORAGE_RETRY_SECONDS, StorageAccess, problems_from_validation_error
 from .contract import EncodingSettings, EvaluationConfig, RunIdentity, TerminationMessage, load_config
-from .errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
+from .errors import (
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STORAGE_UNAVAILABLE,
+    InputError,
+    StorageUnavailable,
+)
+from .storage import quiet_transport_loggers
 
 TRAINING_FIELDS = ("query", "pos", "neg", "prompt")
 
@@ -35,12 +43,17 @@ def run_command(command, args: argparse.Namespace) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_transport_loggers()
     try:
         return command(args)
     except InputError as exc:
         print(exc.report(), file=sys.stderr)
         TerminationMessage.of_input_error(exc).write()
         return EXIT_INPUT_ERROR
+    except StorageUnavailable as exc:  # retrying later can help: the operator does, and so can the user
+        print(f"storage unavailable: {exc}", file=sys.stderr)
+        TerminationMessage.of_storage_unavailable(exc).write()
+        return EXIT_STORAGE_UNAVAILABLE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -151,7 +164,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .launch import local_processes, local_trainer_command, run_child
 
-    return run_child(local_trainer_command(args.config, args.nproc_per_node or local_processes()))
+    return run_child(local_trainer_command(args.config, args.nproc_per_node or local_processes())).exit_code
 
 
 # --- evaluate -----------------------------------------------------------------------------
@@ -212,9 +225,7 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "output": args.output,
-        "storage": StorageAccess(endpoint=args.storage_endpoint, region=args.storage_region)
-        if args.storage_endpoint or args.storage_region
-        else None,
+        "storage": _storage_access(args),
         "run": RunIdentity(namespace=args.patch_status[0], name=args.patch_status[1], report_status=True)
         if args.patch_status
         else None,
@@ -310,7 +321,7 @@ def _mine(args: argparse.Namespace) -> int:
     from .mining import load_candidates, mine_hard_negatives
     from .storage import fetch_to_local
 
-    storage = {"endpoint": args.storage_endpoint, "region": args.storage_region}
+    access = _storage_access(args) or StorageAccess()
     try:
         spec = HardNegativesSpec(mine=True, range=args.range, count=args.count, max_score_ratio=args.max_score_ratio)
     except ValidationError as exc:
@@ -323,18 +334,16 @@ def _mine(args: argparse.Namespace) -> int:
             ],
         ) from exc
     with tempfile.TemporaryDirectory(prefix="embedtune-mine-") as work:
-        loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", **storage) for uri in args.inputs])
+        loaded = load_jsonl([fetch_to_local(uri, Path(work) / "data", access) for uri in args.inputs])
         if loaded.problems:
             raise InputError(
                 f"training data has {len(loaded.problems)} problems; fix them and start again", loaded.problems
             )
         candidates = (
-            load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", **storage))
-            if args.candidates
-            else None
+            load_candidates(fetch_to_local(args.candidates, Path(work) / "pool", access)) if args.candidates else None
         )
         model = load_encoder(
-            fetch_to_local(args.model, Path(work) / "model", **storage),
+            fetch_to_local(args.model, Path(work) / "model", access),
             _encoding_settings(args).model_dump(exclude_none=True),
             precision=args.precision or "auto",
         )
@@ -394,3 +403,23 @@ def _encoding_settings(args: argparse.Namespace) -> EncodingSettings:
 def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-endpoint", default=None, help="S3 endpoint URL (MinIO, Ceph ...)")
     parser.add_argument("--storage-region", default=None, help="S3 region")
+    parser.add_argument(
+        "--storage-retry-seconds",
+        type=int,
+        default=None,
+        help=f"how long to retry while S3 is unreachable, then exit 75 (default: {DEFAULT_STORAGE_RETRY_SECONDS})",
+    )
+
+
+def _storage_access(args: argparse.Namespace) -> StorageAccess | None:
+    """The storage flags given, or None when none is (the defaults then apply)."""
+    given = {
+        "endpoint": args.storage_endpoint,
+        "region": args.storage_region,
+        "retry_seconds": args.storage_retry_seconds,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        return StorageAccess(**given) if given else None
+    except ValidationError as exc:
+        raise InputError("invalid storage flags", problems_from_validation_error(exc, "storage")) from exc

@@ -9,6 +9,8 @@ snake_case attributes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import (
@@ -28,6 +30,9 @@ class CamelModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        # YAML reads `.inf` and `.nan` as floats; no setting means either (weightDecay: .inf
+        # trained a model of NaN weights)
+        allow_inf_nan=False,
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +141,26 @@ class DeepSpeedSpec(CamelModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="ZeRO stage; 0 disables sharding.")
     config: dict[str, Any] | None = Field(None, description="A complete DeepSpeed config; overrides zeroStage.")
 
+    @field_validator("config")
+    @classmethod
+    def _finite_numbers(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        # a free-form section: allow_inf_nan does not reach into it
+        if config is not None and (paths := list(_non_finite_paths(config))):
+            raise ValueError(f"{', '.join(paths)}: must be a finite number")
+        return config
+
+
+def _non_finite_paths(value: Any, path: str = "") -> Iterator[str]:
+    """Dotted paths of the inf/nan floats anywhere in a JSON-like value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"{path} ({value})"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_paths(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_paths(item, f"{path}.{index}" if path else str(index))
+
 
 class TrainingSpec(CamelModel):
     """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
@@ -183,11 +208,23 @@ class CheckpointSpec(CamelModel):
     keep: int = Field(3, ge=1, description="Complete checkpoints kept in storage; older ones are pruned.")
 
 
+# A few minutes: long enough to ride out an S3 restart or a network blip, short enough that a
+# real outage fails the job (and the operator retries it) instead of stalling it silently.
+DEFAULT_STORAGE_RETRY_SECONDS = 300
+
+
 class StorageAccess(CamelModel):
     """How a pod reaches storage; every pod that reads or writes storage gets these settings."""
 
     endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph ...); AWS when unset.")
     region: str | None = Field(None, description="S3 region; the environment's when unset.")
+    retry_seconds: int = Field(
+        DEFAULT_STORAGE_RETRY_SECONDS,
+        ge=0,
+        le=86400,
+        description="How long a storage operation keeps retrying while S3 is unreachable or failing; then the "
+        "job fails as an infrastructure failure and runPolicy.maxRestarts retries it from the last checkpoint.",
+    )
 
 
 class StorageSpec(StorageAccess):

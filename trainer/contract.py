@@ -37,7 +37,7 @@ from .config import (
     TrainingSpec,
     problems_from_validation_error,
 )
-from .errors import InputError
+from .errors import InputError, StorageUnavailable
 
 # Where the resource lives in the Kubernetes API; the pods patch its status subresource.
 GROUP = "embedtune.io"
@@ -52,7 +52,6 @@ EVALUATION_CONFIG_FILE = "evaluation.yaml"
 # from them, so nothing else may reach a path.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_LABEL_MAX_LENGTH = 63
-RUN_ID = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class Program(StrEnum):
@@ -73,7 +72,10 @@ class RunIdentity(CamelModel):
 
     namespace: str = Field("default", pattern=DNS_LABEL, max_length=DNS_LABEL_MAX_LENGTH)
     name: str = Field("local", pattern=DNS_LABEL, max_length=DNS_LABEL_MAX_LENGTH)
-    run_id: str = Field("1", pattern=RUN_ID, max_length=DNS_LABEL_MAX_LENGTH)
+    run_id: str = Field("1", pattern=DNS_LABEL, max_length=DNS_LABEL_MAX_LENGTH)
+    spec_fingerprint: str | None = Field(
+        None, description="The resource spec this run trains; storage of a run with another spec is never reused."
+    )
     report_status: bool = Field(
         False, description="Patch the EmbeddingFinetune's status (inside the cluster); `embedtune run` reads files."
     )
@@ -246,7 +248,11 @@ class TerminationMessage(CamelModel):
 
     @classmethod
     def of_input_error(cls, error: InputError) -> TerminationMessage:
-        return cls(reason="InputError", failure=FailureClass.INPUT, message=error.summary, problems=error.problems)
+        return cls(reason=error.reason, failure=FailureClass.INPUT, message=error.summary, problems=error.problems)
+
+    @classmethod
+    def of_storage_unavailable(cls, error: StorageUnavailable) -> TerminationMessage:
+        return cls(reason="StorageUnavailable", failure=FailureClass.INFRASTRUCTURE, message=str(error))
 
     def write(self) -> None:
         """Best effort: the file exists only inside a Kubernetes container (or where

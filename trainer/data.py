@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageSpec
+from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageAccess
 from .errors import InputError
 from .jsonl import describe, read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
@@ -248,12 +248,10 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
     return result
 
 
-def load_training_data(spec: DataSpec, download_dir: Path, storage: StorageSpec | None = None) -> LoadResult:
+def load_training_data(spec: DataSpec, download_dir: Path, access: StorageAccess | None = None) -> LoadResult:
     if spec.hugging_face is not None:
         return load_hugging_face(spec.hugging_face)
-    endpoint = storage.endpoint if storage else None
-    region = storage.region if storage else None
-    return load_jsonl(fetch_to_local(uri, download_dir, endpoint=endpoint, region=region) for uri in spec.train)
+    return load_jsonl(fetch_to_local(uri, download_dir, access) for uri in spec.train)
 
 
 # --- preparation -------------------------------------------------------------------------
@@ -370,7 +368,7 @@ def prepare_training_data(
     group_size: int,
     seed: int,
     out_dir: Path,
-    storage: StorageSpec | None = None,
+    access: StorageAccess | None = None,
     *,
     model: ModelSpec | None = None,
     model_path: str | Path | None = None,
@@ -399,7 +397,7 @@ def prepare_training_data(
                 summary["negativesAdded"],
             )
 
-    loaded = load_training_data(spec, out_dir / "download", storage)
+    loaded = load_training_data(spec, out_dir / "download", access)
     if loaded.problems:
         raise InputError(
             f"training data has {len(loaded.problems)} problems; fix them and start again", loaded.problems
@@ -415,7 +413,7 @@ def prepare_training_data(
     if mining:  # after the split: held-out queries are never mined for
         from .mining import mine_for_training
 
-        mine_for_training(records, spec.hard_negatives, model, model_path, seed, out_dir / "download", storage)
+        mine_for_training(records, spec.hard_negatives, model, model_path, seed, out_dir / "download", access)
     added = fill_negatives(records, group_size, seed)
     write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
     prepared = PreparedData(

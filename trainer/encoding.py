@@ -24,6 +24,7 @@ from .config import ModelSpec
 from .contract import EncodePrecision
 from .errors import InputError
 from .export import build_sentence_transformer
+from .model_loading import check_tokenizer, loading_model
 
 # sentence-transformers' pooling names -> ours (ModelSpec.pooling)
 _SPEC_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "lastToken"}
@@ -35,15 +36,16 @@ def load_encoder(
     *,
     device: str | None = None,
     precision: EncodePrecision = "auto",
+    field: str = "model",
 ):
     """A SentenceTransformer for a local model directory or a hub id.
 
     `overrides` holds ModelSpec fields (snake_case) given explicitly; they replace the
-    model's own settings."""
+    model's own settings. `field` is the setting that named the model, for its errors."""
     from sentence_transformers import SentenceTransformer
 
     overrides = overrides or {}
-    try:
+    with loading_model(path, field):
         if (Path(path) / "modules.json").is_file():
             model = SentenceTransformer(str(path), device=device)
             if overrides:
@@ -51,11 +53,7 @@ def load_encoder(
                 model = build_sentence_transformer(path, spec, device=str(model.device))
         else:
             model = build_sentence_transformer(path, ModelSpec(base=str(path), **overrides), device=device or _device())
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"model {path}: cannot load it ({exc}); give a sentence-transformers directory, a Hugging "
-            "Face checkpoint directory, an s3:// URI of either, or a model id reachable from here"
-        ) from exc
+        check_tokenizer(model.tokenizer)
     dtype = _dtype(precision, model.device.type)
     if dtype is not None:
         model.to(dtype)

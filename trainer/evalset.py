@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .config import StorageAccess
 from .data import EvalSet
 from .errors import InputError
 from .jsonl import describe, read_json_lines, text_problem
@@ -56,10 +57,10 @@ def _field_problem(obj: dict[str, Any], name: str, *, optional: bool) -> str | N
     return text_problem(obj[name], allow_empty=optional)
 
 
-def load_eval_set(uri: str, download_dir: Path, *, endpoint: str | None = None, region: str | None = None) -> EvalSet:
+def load_eval_set(uri: str, download_dir: Path, access: StorageAccess | None = None) -> EvalSet:
     """Read and validate an evaluation set from a directory or storage prefix; InputError
     lists every problem."""
-    directory = fetch_to_local(uri, download_dir, endpoint=endpoint, region=region)
+    directory = fetch_to_local(uri, download_dir, access)
     problems: list[str] = []
     queries_file, corpus_file, qrels_file = (directory / name for name in FILES)
     queries = _texts(queries_file, _rows(queries_file, problems), (), problems)

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import StorageAccess
 from .contract import EvaluationConfig, IndexKind, Metrics, MetricsReport
 from .data import EvalSet
 from .encoding import encode_passages, encode_queries, load_encoder
@@ -77,21 +78,18 @@ def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: MetricsReport, output: str, *, endpoint: str | None = None, region: str | None = None):
+def write_report(report: MetricsReport, output: str, access: StorageAccess) -> None:
     """Write metrics.json to a local path or an s3:// URI."""
     directory, _, name = output.rstrip("/").rpartition("/")
-    open_storage(directory or ".", endpoint=endpoint, region=region).write_bytes(
-        name, report.model_dump_json(indent=2, by_alias=True).encode()
-    )
+    open_storage(directory or ".", access).write_bytes(name, report.model_dump_json(indent=2, by_alias=True).encode())
 
 
 def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> MetricsReport:
     """Load the evaluation set and the models (local paths, s3:// URIs or hub ids) and
     return the metrics report."""
-    endpoint, region = config.storage.endpoint, config.storage.region
     overrides = config.encoding.model_dump(exclude_none=True)
     with tempfile.TemporaryDirectory(prefix="embedtune-eval-") as work:
-        eval_set = load_eval_set(config.eval_set, Path(work) / "eval", endpoint=endpoint, region=region)
+        eval_set = load_eval_set(config.eval_set, Path(work) / "eval", config.storage)
         logger.info(
             "evaluation set: %d queries, %d passages, %d judgments",
             len(eval_set.queries),
@@ -102,7 +100,7 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
         for role, uri in (("baseline", config.baseline), ("finetuned", config.model)):
             if uri is None:
                 continue
-            path = fetch_to_local(uri, Path(work) / role, endpoint=endpoint, region=region)
+            path = fetch_to_local(uri, Path(work) / role, config.storage)
             encoder = load_encoder(path, overrides, precision=config.precision)
             logger.info("evaluating %s model %s", role, uri)
             scores[role] = evaluate_model(
@@ -123,7 +121,7 @@ def evaluate(config: EvaluationConfig) -> MetricsReport:
     report = run_evaluation(config)
     print(format_table(report, config.k_values))
     if config.output:
-        write_report(report, config.output, endpoint=config.storage.endpoint, region=config.storage.region)
+        write_report(report, config.output, config.storage)
     if config.run is not None and config.run.report_status:
         from .status import patch_status_metrics
 

@@ -9,9 +9,11 @@ unchanged and exits 2 when any worker did, else with the first failure's code.
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK
@@ -61,27 +63,58 @@ def local_trainer_command(config: Path, nproc: int) -> list[str]:
     ]
 
 
-def run_child(command: list[str], env: dict[str, str] | None = None, timeout: float | None = None, stdout=None) -> int:
-    """Run a trainer or evaluator process to its end and return its exit code.
+@dataclass(frozen=True)
+class ChildExit:
+    exit_code: int
+    signal: int | None  # SIGINT or SIGTERM that this process received while the child ran
+
+
+def run_child(
+    command: list[str], env: dict[str, str] | None = None, timeout: float | None = None, stdout=None
+) -> ChildExit:
+    """Run a trainer or evaluator process to its end.
 
     Ctrl-C reaches the child with the terminal's process group (the trainer then stores a
     checkpoint and stops), so here it only must not kill this waiting process; a SIGTERM sent
-    to this process is passed on. After `timeout` seconds the child gets SIGTERM, as a Job
-    past its deadline would."""
-    child = subprocess.Popen(command, env=env, stdout=stdout)
+    to this process is passed on. Either is reported, so the caller can stop as well. After
+    `timeout` seconds the child gets SIGTERM, as a Job past its deadline would. If this
+    process dies (even by SIGKILL), the child gets SIGTERM and stops the same way."""
+    received: list[int] = []
+
+    def on_interrupt(signum, _frame):
+        received.append(signum)
+
+    def on_terminate(signum, _frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    child = subprocess.Popen(command, env=env, stdout=stdout, preexec_fn=_terminate_with_parent)
     previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate),
     }
     try:
         try:
-            return child.wait(timeout=timeout)
+            code = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             child.send_signal(signal.SIGTERM)
-            return child.wait()
+            code = child.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    return ChildExit(code, received[0] if received else None)
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before it starts: SIGTERM when the parent dies (Linux), so a trainer never
+    runs on, and publishes a model, for a command that is gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError):  # not Linux: the child outlives a killed parent
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 if __name__ == "__main__":

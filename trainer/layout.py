@@ -1,6 +1,7 @@
 """Where a run's artifacts live in storage. Pure path arithmetic, no I/O, no heavy imports:
 the operator imports it to put URIs into status.
 
+    <storage>/<namespace>/<name>/run-<runId>/run.json      (the spec the run trains)
     <storage>/<namespace>/<name>/run-<runId>/checkpoints/checkpoint-<step>/...
     <storage>/<namespace>/<name>/run-<runId>/checkpoints/checkpoint-<step>/_COMPLETE.json
     <storage>/<namespace>/<name>/run-<runId>/model/            (sentence-transformers layout)
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 # Written last: a checkpoint or model without it is an interrupted upload and never used.
 COMPLETE_MARKER = "_COMPLETE.json"
+# Written when a run first trains: the spec fingerprint its storage belongs to.
+RUN_RECORD = "run.json"
 # Per-node manifests of a checkpoint; rank 0 merges them into the marker.
 PARTS_DIR = "_parts"
 

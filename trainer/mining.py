@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import HardNegativesSpec, ModelSpec, StorageSpec, parse_rank_range
+from .config import HardNegativesSpec, ModelSpec, StorageAccess, parse_rank_range
 from .data import Record
 from .encoding import encode_passages, encode_queries, load_encoder
 from .errors import InputError
@@ -133,15 +133,13 @@ def load_candidates(path: Path) -> list[str]:
 
 
 def fetch_candidates(
-    spec: HardNegativesSpec, download_dir: Path, storage: StorageSpec | None = None
+    spec: HardNegativesSpec, download_dir: Path, access: StorageAccess | None = None
 ) -> list[str] | None:
     """The candidate pool `spec` names, read and checked; None when it names none (mining then
     searches the training data's own passages)."""
     if not spec.candidates:
         return None
-    endpoint = storage.endpoint if storage else None
-    region = storage.region if storage else None
-    return load_candidates(fetch_to_local(spec.candidates, download_dir, endpoint=endpoint, region=region))
+    return load_candidates(fetch_to_local(spec.candidates, download_dir, access))
 
 
 def mine_for_training(
@@ -151,10 +149,10 @@ def mine_for_training(
     model_path: str | Path,
     seed: int,
     download_dir: Path,
-    storage: StorageSpec | None = None,
+    access: StorageAccess | None = None,
 ) -> MiningSummary:
     """The trainer's mining step: the base model, encoding exactly as training will."""
-    candidates = fetch_candidates(spec, download_dir, storage)
+    candidates = fetch_candidates(spec, download_dir, access)
     # fp32: every node mines for itself, and half precision could break near-ties differently
-    encoder = load_encoder(model_path, model.model_dump(exclude={"base"}), precision="fp32")
+    encoder = load_encoder(model_path, model.model_dump(exclude={"base"}), precision="fp32", field="model.base")
     return mine_hard_negatives(records, encoder, spec, seed=seed, candidates=candidates)

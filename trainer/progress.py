@@ -113,10 +113,11 @@ def _safely(method, *args) -> None:
 
 
 def progress_from_log(
-    step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int, elapsed: float, samples_per_step: int
+    step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int, elapsed: float, samples_done: int
 ) -> TrainingProgress:
-    """Turn one Trainer log record into a progress report. Rates count only the steps this
-    attempt ran (`steps_done` in `elapsed` seconds), so a resumed run reports honest speed."""
+    """Turn one Trainer log record into a progress report. Rates count only what this attempt
+    ran (`steps_done` steps and `samples_done` queries in `elapsed` seconds), so a resumed run
+    reports honest speed; the queries are those really processed, not the configured batch."""
     steps_per_second = steps_done / elapsed if elapsed > 0 and steps_done > 0 else None
     return TrainingProgress(
         step=step,
@@ -124,6 +125,6 @@ def progress_from_log(
         epoch=epoch,
         loss=logs.get("loss"),
         learning_rate=logs.get("learning_rate"),
-        samples_per_second=steps_per_second * samples_per_step if steps_per_second else None,
+        samples_per_second=samples_done / elapsed if steps_per_second else None,
         eta_seconds=(total_steps - step) / steps_per_second if steps_per_second else None,
     )

@@ -7,8 +7,11 @@ What the subclasses change, and why:
 - the trainer saves only on the process that should (FlagEmbedding writes on every rank
   without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
   checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it
-  crashes, and the naive fix silently restarts from the base weights);
-- the runner maps "model not found" to an input error and wires our callbacks in.
+  crashes, and the naive fix silently restarts from the base weights); it also counts the
+  queries and tokens the steps process, so progress reports what was trained rather than
+  the configured batch;
+- the runner loads the model so that one that cannot be loaded is an input error, and wires
+  our callbacks in.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
     EncoderOnlyEmbedderTrainer,
     EncoderOnlyEmbedderTrainingArguments,
 )
-from transformers import AutoModel, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
-from .errors import InputError
+from .model_loading import load_tokenizer_and_encoder
 from .progress import ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,54 @@ class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
         return scores
 
 
+class ProcessedCounter:
+    """Queries and tokens the training steps processed since the last log, summed over ranks.
+
+    Counting adds no GPU sync: queries and padded tokens come from tensor shapes, and the real
+    (non-padding) tokens are summed on the device until a log reads them (where HF syncs
+    anyway), with one small all-reduce."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._queries = self._padded_tokens = 0
+        self._tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    def count(self, inputs: dict) -> None:
+        for side in ("queries", "passages"):
+            # FlagEmbedding's collator hands over a list of sub-batches when sub_batch_size is set
+            batches = inputs[side] if isinstance(inputs[side], list) else [inputs[side]]
+            for mask in (batch["attention_mask"] for batch in batches):
+                self._padded_tokens += mask.numel()
+                self._tokens += mask.sum()
+                if side == "queries":
+                    self._queries += mask.shape[0]
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last call, over every rank (all ranks must call it together)."""
+        counts = torch.tensor([self._queries, 0, self._padded_tokens], device=self.device)
+        counts[1] += self._tokens
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        queries, tokens, padded_tokens = counts.tolist()
+        self._queries = self._padded_tokens = 0
+        self._tokens.zero_()
+        return {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
+
+
 class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processed = ProcessedCounter(self.args.device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.processed.count(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log, on every rank (the final summary has train_loss instead)
+            logs.update(self.processed.take())
+        super().log(logs, start_time)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         if not self.args.should_save:
             return
@@ -101,14 +151,9 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
     def load_tokenizer_and_model(self):
-        name = self.model_args.model_name_or_path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
-            encoder = AutoModel.from_pretrained(name, trust_remote_code=self.model_args.trust_remote_code)
-        except OSError as exc:
-            if "connect" in str(exc).lower():  # the hub is unreachable: worth a retry, not the user's fault
-                raise
-            raise InputError(f"model.base: cannot load {name!r}: {exc}") from exc
+        tokenizer, encoder = load_tokenizer_and_encoder(
+            self.model_args.model_name_or_path, trust_remote_code=self.model_args.trust_remote_code
+        )
         args = self.training_args
         model = EmbedtuneEmbedderModel(
             encoder,
@@ -127,6 +172,18 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
         return tokenizer, model
 
     def load_trainer(self) -> EmbedtuneTrainer:
+        args, records = self.training_args, len(self.train_dataset)
+        if args.should_log and samples_per_step(args) > records:
+            logger.warning(
+                "training.batchSizePerDevice %d: a step would take %d queries (%d process(es), %d accumulation "
+                "step(s)) but the training data has %d records, so every step trains on all of them, in a smaller "
+                "batch than configured",
+                args.per_device_train_batch_size,
+                samples_per_step(args),
+                args.world_size,
+                args.gradient_accumulation_steps,
+                records,
+            )
         return EmbedtuneTrainer(
             model=self.model,
             args=self.training_args,
@@ -213,6 +270,9 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         deepspeed=deepspeed_config(config),
         seed=t.seed,
         logging_steps=t.logging_steps,
+        # a NaN/inf loss must reach the log, where DivergenceGuard stops training; HF's filter
+        # would log an average instead (a diverged run reported a loss of 0.0)
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=config.checkpoint.every_steps,
         save_total_limit=config.checkpoint.keep,
@@ -224,6 +284,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
 
 
 def samples_per_step(args) -> int:
+    """Queries an optimizer step takes over all ranks, as configured (fewer when the data runs out)."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
@@ -234,6 +295,7 @@ class ProgressCallback(TrainerCallback):
         self.reporter = reporter
         self.model = model
         self._started: tuple[float, int] | None = None
+        self._queries = 0  # processed by this attempt, over all ranks
         self._announced = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -256,6 +318,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs or self._started is None:
             return
         started_at, started_step = self._started
+        self._queries += logs["queries"]
         self.reporter.training_progress(
             progress_from_log(
                 state.global_step,
@@ -264,7 +327,7 @@ class ProgressCallback(TrainerCallback):
                 logs,
                 steps_done=state.global_step - started_step,
                 elapsed=time.monotonic() - started_at,
-                samples_per_step=samples_per_step(args),
+                samples_done=self._queries,
             )
         )
 

@@ -6,8 +6,9 @@ Data is validated and prepared before any training; the newest complete checkpoi
 storage is resumed; checkpoints upload in the background; the final model is exported in
 sentence-transformers layout and stored with a completion marker.
 
-Exit codes: 0 done, 2 the user's input is wrong (bad data, config or model id; retrying
-cannot help), 1 anything else (retried by the operator from the last checkpoint).
+Exit codes: 0 done, 2 the user's input is wrong (bad data, config, model id, storage bucket or
+credentials; retrying cannot help), 75 storage stayed unreachable for `storage.retrySeconds`,
+1 anything else (75 and 1 are retried by the operator from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .contract import FailureClass, TerminationMessage, TrainerConfig, load_config
-from .errors import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_INTERRUPTED, EXIT_OK, InputError
-from .layout import RunLayout, checkpoint_dir_name
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STORAGE_UNAVAILABLE,
+    InputError,
+    StorageUnavailable,
+)
+from .layout import RUN_RECORD, RunLayout, checkpoint_dir_name, join
 from .progress import JsonFileReporter, LogReporter, ProgressReporter, ThrottledReporter
 from .storage import fetch_to_local, open_storage
 
@@ -32,13 +41,12 @@ logger = logging.getLogger("embedtune.trainer")
 
 
 class TrainingStopped(Exception):
-    """Training ended early on a signal, after storing a checkpoint at the step it reached."""
+    """Training ended early on a signal, with a checkpoint at the step it reached unless
+    storage failed; `outcome` says which checkpoint running again resumes from."""
 
-    def __init__(self, step: int, signal_name: str):
+    def __init__(self, step: int, signal_name: str, outcome: str):
         self.step, self.signal_name = step, signal_name
-        super().__init__(
-            f"{signal_name}: stopped at step {step} with a checkpoint there; running again resumes from it"
-        )
+        super().__init__(f"{signal_name}: stopped at step {step} {outcome}")
 
     @property
     def exit_code(self) -> int:
@@ -64,7 +72,7 @@ def _rank() -> tuple[int, int, int, int]:
     )
 
 
-def _broadcast_from_rank0(value):
+def broadcast_from_rank0(value):
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -82,13 +90,14 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     rank, local_rank, _, _ = _rank()
     work = Path(config.work_dir)
     output_dir = work / "checkpoints"
-    storage = open_storage(config.storage.uri, endpoint=config.storage.endpoint, region=config.storage.region)
+    storage = open_storage(config.storage.uri, config.storage)
     layout = RunLayout(config.run.namespace, config.run.name, config.run.run_id)
     store = CheckpointStore(storage, layout)
 
     training_args = build_training_arguments(config, output_dir)
     _ = training_args.device  # joins the process group (gloo on CPU) before the collectives below
 
+    _claim_run_storage(storage, layout, config.run.spec_fingerprint, write=rank == 0)
     if is_published(storage, layout.model_prefix):  # a pod restarted after the run had finished
         logger.info("run %s is already complete: %s", layout.run_prefix, storage.uri_for(layout.model_prefix))
         return TrainResult(storage.uri_for(layout.model_prefix), None, -1)
@@ -96,13 +105,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     resumed: tuple[int, bool] | None = None  # (step, training finished at that step)
     with training_args.main_process_first(local=True, desc="prepare data and checkpoint"):
         model_path = str(
-            fetch_to_local(
-                config.model.base,
-                work / "base-model",
-                endpoint=config.storage.endpoint,
-                region=config.storage.region,
-                download=local_rank == 0,
-            )
+            fetch_to_local(config.model.base, work / "base-model", config.storage, download=local_rank == 0)
         )
         prepared = prepare_training_data(
             config.data,
@@ -117,7 +120,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         if local_rank == 0:
             resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
     # rank 0's choice holds everywhere, so every node resumes the same step
-    resumed = _broadcast_from_rank0(resumed)
+    resumed = broadcast_from_rank0(resumed)
 
     eval_uri = None
     if prepared.eval_dir is not None:
@@ -133,19 +136,44 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         final_step, final_loss = resumed[0], None
     else:
         final_step, final_loss = _run_training(
-            config, training_args, store, model_path, prepared.train_file, reporters or []
+            config, training_args, store, model_path, prepared.train_file, reporters or [], resumed
         )
 
     model_uri = None
     if rank == 0:
-        model_uri = _publish_model(
-            config,
-            storage,
-            layout,
-            output_dir / checkpoint_dir_name(final_step),
-            {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
-        )
+        try:
+            model_uri = _publish_model(
+                config,
+                storage,
+                layout,
+                output_dir / checkpoint_dir_name(final_step),
+                {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
+            )
+        except StorageUnavailable as exc:  # the final checkpoint is stored: a new attempt only exports
+            raise StorageUnavailable(f"the model was not stored: {exc}; {store.resume_hint(final_step)}") from exc
     return TrainResult(model_uri, eval_uri, final_step)
+
+
+def _claim_run_storage(storage, layout: RunLayout, spec_fingerprint: str | None, *, write: bool) -> None:
+    """A run's storage belongs to the spec that started it: checkpoints or a model stored there
+    for another spec are never resumed from or reported."""
+    if spec_fingerprint is None:  # a trainer config written by hand names no spec
+        return
+    key = join(layout.run_prefix, RUN_RECORD)
+    stored = storage.read_bytes(key)
+    if stored is None:
+        if write:
+            storage.write_bytes(key, json.dumps({"specFingerprint": spec_fingerprint}).encode())
+        return
+    try:
+        found = json.loads(stored).get("specFingerprint")
+    except (ValueError, AttributeError):
+        found = "(unreadable)"
+    if found != spec_fingerprint:
+        raise InputError(
+            f"run.runId: {storage.uri_for(layout.run_prefix)} holds run {layout.run_id} of another spec "
+            f"(fingerprint {found}, this config's {spec_fingerprint}); give this run its own runId"
+        )
 
 
 def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -> tuple[int, bool] | None:
@@ -162,9 +190,16 @@ def _restore_latest_checkpoint(store, output_dir: Path, max_steps: int | None) -
 
 
 def _run_training(
-    config: TrainerConfig, training_args, store, model_path: str, train_file: Path, reporters: list[ProgressReporter]
+    config: TrainerConfig,
+    training_args,
+    store,
+    model_path: str,
+    train_file: Path,
+    reporters: list[ProgressReporter],
+    resumed: tuple[int, bool] | None,
 ) -> tuple[int, float | None]:
     from .checkpoints import CheckpointUploader
+    from .divergence import DivergenceGuard
     from .runner import (
         CheckpointCallback,
         EmbedtuneRunner,
@@ -186,20 +221,33 @@ def _run_training(
             node_rank=node_rank,
             num_nodes=num_nodes,
             keep=config.checkpoint.keep,
+            stored_step=resumed[0] if resumed else None,
             on_complete=reporter.checkpoint_stored if rank == 0 else None,
         )
     model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
     stop = StopOnSignal()
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=[CheckpointCallback(uploader), stop])
+    # the guard first: a checkpoint it refuses never reaches the uploader
+    callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
+    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
-        output = runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finally:
-        if uploader is not None:
-            uploader.close()  # a finished checkpoint is never abandoned mid-upload
+        try:
+            output = runner.trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        finally:
+            if uploader is not None:
+                uploader.close()  # a finished checkpoint is never abandoned mid-upload
+    except StorageUnavailable as exc:
+        if stop.signal_name is None:
+            raise
+        raise TrainingStopped(runner.trainer.state.global_step, stop.signal_name, f"but {exc}") from exc
     state = runner.trainer.state
     if stop.signal_name is not None and state.global_step < state.max_steps:
-        raise TrainingStopped(state.global_step, stop.signal_name)
+        # the first process of each node uploads, so it is the one that can tell what is stored
+        if uploader is not None:
+            outcome = "with a checkpoint there; running again resumes from it"
+        else:
+            outcome = "(the first process of its node stores the checkpoint)"
+        raise TrainingStopped(state.global_step, stop.signal_name, outcome)
     if rank == 0:
         logger.info(
             "training finished at step %d; train_runtime %.3fs", state.global_step, output.metrics["train_runtime"]
@@ -212,8 +260,14 @@ def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_chec
     """Export the last checkpoint (HF saves one at the final step) in sentence-transformers
     layout and store it, completion marker last."""
     from .checkpoints import publish_dir
+    from .divergence import describe_tensors, diverged, non_finite_weights
     from .export import export_sentence_transformers
 
+    if bad := non_finite_weights(final_checkpoint):  # one resumed from an earlier attempt, too
+        raise diverged(
+            f"the final checkpoint ({final_checkpoint.name}) has non-finite weights ({describe_tensors(bad)})",
+            config.training,
+        )
     summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
     export_dir = export_sentence_transformers(
         final_checkpoint, Path(config.work_dir) / "model", config.model, extra={"training": summary}
@@ -248,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", exc)
         TerminationMessage(reason="Stopped", failure=FailureClass.STOPPED, message=str(exc)).write()
         return exc.exit_code
+    except StorageUnavailable as exc:
+        logger.error("%s", exc)
+        TerminationMessage.of_storage_unavailable(exc).write()
+        return EXIT_STORAGE_UNAVAILABLE
     except KeyboardInterrupt:
         logger.warning("interrupted before training started; nothing to save")
         return EXIT_INTERRUPTED

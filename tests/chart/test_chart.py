@@ -18,6 +18,11 @@ VALUE_SETS = {
         "storage": {"endpoint": "http://minio.minio:9000", "credentialsSecret": "s3-creds"},
         "trainer": {"image": "registry.example/embedtune-trainer:0.1.0"},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "policy": {
+            "allowedImagePrefixes": ["registry.example/", "ghcr.io/embedtune/"],
+            "allowedCredentialsSecrets": ["s3-creds"],
+            "allowedPriorityClasses": ["batch-low"],
+        },
     },
     "cluster-wide peering, no metrics, existing service account": {
         "highAvailability": {"peering": {"enabled": True}},
@@ -97,10 +102,16 @@ def test_values_become_the_operators_flags():
     assert args.trainer_image == "registry.example/embedtune-trainer:0.1.0"
     assert (args.storage_endpoint, args.storage_credentials_secret) == ("http://minio.minio:9000", "s3-creds")
     assert args.peering == "embedtune"
+    from embedtune.operator.defaults import ClusterDefaults, ClusterPolicy
+
+    assert ClusterDefaults.from_args(args).policy == ClusterPolicy(
+        ("registry.example/", "ghcr.io/embedtune/"), ("s3-creds",), ("batch-low",)
+    )
 
     defaults = operator_args(render_chart())
     assert defaults.all_namespaces and defaults.peering is None
     assert (defaults.storage_endpoint, defaults.storage_credentials_secret) == (None, None)
+    assert ClusterDefaults.from_args(defaults).policy == ClusterPolicy()  # by default, anything
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS)

@@ -107,7 +107,9 @@ def test_the_states_are_the_ones_named():
         "committed": "Succeeded",
         "retraining": "Pending",
     }
-    assert [entry["runId"] for entry in STATES["retraining"]["status"]["history"]] == ["1"]
+    assert [entry["runId"] for entry in STATES["retraining"]["status"]["history"]] == [
+        STATES["succeeded"]["status"]["runId"]
+    ]
 
 
 def argo_health(resource: dict) -> dict:

@@ -48,6 +48,18 @@ def pod(name="p-0", *, exit_code=None, reason=None, message=None, pod_reason=Non
             "ExitCode1",
             "NCCL timeout",
         ),
+        (
+            [
+                pod(
+                    exit_code=75,
+                    message='{"reason": "StorageUnavailable", "message": "checkpoint-20 was not stored: storage '
+                    's3://b at http://minio:9000 failed for 300 s; the last stored checkpoint is step 10"}',
+                )
+            ],
+            FailureKind.INFRASTRUCTURE,
+            "StorageUnavailable",
+            "the last stored checkpoint is step 10",
+        ),
         ([], FailureKind.INFRASTRUCTURE, "BackoffLimitExceeded", "none of its pods"),
         # One rank's input error decides, whatever the other ranks died of.
         (

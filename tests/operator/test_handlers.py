@@ -25,7 +25,7 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     await cluster.apply(minimal_manifest("happy", evaluation={"gate": {"metric": "ndcg@10", "minImprovement": 0.05}}))
     await cluster.eventually(lambda: cluster.get(JOBS, "happy-train-1-1"), what="training job")
     status = await cluster.phase_becomes("happy", "Pending")
-    assert status["runId"] == "1" and status["training"]["job"] == "happy-train-1-1"
+    assert status["runId"].startswith("1-") and status["training"]["job"] == "happy-train-1-1"
     kinds = {
         (obj["kind"], obj["metadata"]["name"])
         for resource in (
@@ -57,7 +57,7 @@ async def test_happy_path_to_succeeded_with_metrics(cluster, operator):
     await cluster.phase_becomes("happy", "Training")
     await cluster.job_succeeded("happy-train-1-1")
     status = await cluster.phase_becomes("happy", "Evaluating")
-    assert status["model"]["uri"] == "s3://models/embedtune/default/happy/run-1/model"
+    assert status["model"]["uri"] == f"s3://models/embedtune/default/happy/run-{status['runId']}/model"
     await cluster.eventually(lambda: cluster.get(JOBS, "happy-eval-1-1"), what="evaluation job")
 
     await cluster.patch_status(FINETUNES, "happy", {"metrics": METRICS})
@@ -84,7 +84,9 @@ async def test_infrastructure_failure_is_retried_from_the_checkpoint(cluster, op
     await cluster.eventually(lambda: cluster.get(JOBS, "flaky-train-1-1"), what="first attempt")
     await cluster.job_running("flaky-train-1-1")
     await cluster.patch_status(
-        FINETUNES, "flaky", {"checkpoint": {"step": 500, "uri": "s3://x/checkpoint-500", "runId": "1"}}
+        FINETUNES,
+        "flaky",
+        {"checkpoint": {"step": 500, "uri": "s3://x/checkpoint-500", "runId": cluster.status("flaky")["runId"]}},
     )
     await cluster.job_failed("flaky-train-1-1", exit_code=137, reason="OOMKilled")
     await cluster.eventually(lambda: cluster.get(JOBS, "flaky-train-1-2"), what="second attempt")
@@ -93,7 +95,7 @@ async def test_infrastructure_failure_is_retried_from_the_checkpoint(cluster, op
     assert "OOMKilled" in status["message"] and "restart 1 of 2" in status["message"]
     assert (status["training"]["attempt"], status["training"]["restarts"]) == (2, 1)
     # The same run: the new attempt resumes from the run's checkpoints.
-    assert status["runId"] == "1" and status["checkpoint"]["step"] == 500
+    assert status["runId"].startswith("1-") and status["checkpoint"]["step"] == 500
     config = cluster.get(JOBS, "flaky-train-1-2")["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
     assert config == "flaky-config-1"
 
@@ -137,12 +139,12 @@ async def test_suspend_removes_the_job_and_resume_continues_the_run(cluster, ope
     await cluster.patch_spec("pausable", {"runPolicy": {"suspend": True}})
     status = await cluster.phase_becomes("pausable", "Suspended")
     await cluster.eventually(lambda: cluster.job_names() == [], what="job removed")
-    assert status["runId"] == "1" and status["observedGeneration"] == 2
+    assert status["runId"].startswith("1-") and status["observedGeneration"] == 2
 
     await cluster.patch_spec("pausable", {"runPolicy": {"suspend": False}})
     await cluster.eventually(lambda: cluster.get(JOBS, "pausable-train-1-2"), what="resumed job")
     status = await cluster.phase_becomes("pausable", "Pending")
-    assert (status["runId"], status["reason"], status["training"]["restarts"]) == ("1", "Resumed", 0)
+    assert status["runId"].startswith("1-") and (status["reason"], status["training"]["restarts"]) == ("Resumed", 0)
     await train_to_success(cluster, "pausable-train-1-2")
     await cluster.phase_becomes("pausable", "Succeeded")
 
@@ -151,15 +153,15 @@ async def test_spec_change_starts_a_new_run_and_keeps_history(cluster, operator)
     await cluster.apply(minimal_manifest("gitops", evaluation={"enabled": False}))
     await train_to_success(cluster, "gitops-train-1-1")
     first = await cluster.phase_becomes("gitops", "Succeeded")
-    assert first["model"]["uri"].endswith("/run-1/model")
+    assert first["model"]["uri"].endswith(f"/run-{first['runId']}/model") and first["runId"].startswith("1-")
 
     await cluster.patch_spec("gitops", {"training": {"learningRate": 1e-4}})
     await cluster.eventually(lambda: cluster.get(JOBS, "gitops-train-2-1"), what="job of the new run")
     status = await cluster.phase_becomes("gitops", "Pending")
-    assert (status["runId"], status["observedGeneration"]) == ("2", 2)
+    assert status["runId"].startswith("2-") and status["observedGeneration"] == 2
     assert "model" not in status and "completionTime" not in status
-    assert [(h["runId"], h["phase"]) for h in status["history"]] == [("1", "Succeeded")]
-    assert status["history"][0]["model"]["uri"].endswith("/run-1/model")
+    assert [(h["runId"], h["phase"]) for h in status["history"]] == [(first["runId"], "Succeeded")]
+    assert status["history"][0]["model"]["uri"] == first["model"]["uri"]
     assert cluster.get("v1/configmaps", "gitops-config-2") is not None
 
     # A change while training replaces the running Job.
@@ -167,8 +169,8 @@ async def test_spec_change_starts_a_new_run_and_keeps_history(cluster, operator)
     await cluster.patch_spec("gitops", {"training": {"learningRate": 2e-4}})
     await cluster.eventually(lambda: cluster.get(JOBS, "gitops-train-3-1"), what="job of the third run")
     await cluster.eventually(lambda: cluster.get(JOBS, "gitops-train-2-1") is None, what="old job removed")
-    await cluster.eventually(lambda: cluster.status("gitops")["runId"] == "3", what="status of the third run")
-    assert [h["runId"] for h in cluster.status("gitops")["history"]] == ["2", "1"]
+    await cluster.eventually(lambda: cluster.status("gitops")["runId"].startswith("3-"), what="status of the third run")
+    assert [h["runId"].split("-")[0] for h in cluster.status("gitops")["history"]] == ["2", "1"]
 
 
 async def test_delete_removes_the_children(cluster, operator):
@@ -250,3 +252,38 @@ async def test_evaluation_lost_to_infrastructure_is_retried(cluster, operator):
     status = await cluster.phase_becomes("evicted", "Succeeded")
     assert status["evaluation"] == {"job": "evicted-eval-1-2", "attempt": 2}
     assert cluster.job_names() == ["evicted-eval-1-1", "evicted-eval-1-2", "evicted-train-1-1"]
+
+
+async def test_an_object_with_a_childs_name_that_is_not_ours_is_a_conflict_never_used(cluster, operator, monkeypatch):
+    from embedtune.operator import handlers
+
+    monkeypatch.setattr(handlers, "CONFLICT_RETRY_SECONDS", 1)
+    # someone's Job with the name and labels a run's Job would have, but not owned by the resource
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "clash-train-1-1",
+            "labels": {"app.kubernetes.io/managed-by": "embedtune", "embedtune.io/finetune": "clash"},
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "evil"}], "restartPolicy": "Never"}}},
+    }
+    await cluster.request("POST", cluster._path(JOBS), foreign)
+    await cluster.apply(minimal_manifest("clash"))
+    status = await cluster.eventually(
+        lambda: cluster.status("clash") if cluster.status("clash").get("reason") == "ChildConflict" else None,
+        what="the conflict in the status",
+    )
+    assert "Job clash-train-1-1 already exists and does not belong to this EmbeddingFinetune" in status["message"]
+    assert status["phase"] == "Pending" and "training" not in status or not status["training"].get("job")
+    assert cluster.get(JOBS, "clash-train-1-1")["spec"]["template"]["spec"]["containers"][0]["image"] == "evil"
+    assert ("ChildConflict", status["message"]) in cluster.events("clash")
+
+    await cluster.request("DELETE", cluster._path(JOBS, "clash-train-1-1"))
+    job = await cluster.eventually(
+        lambda: (job := cluster.get(JOBS, "clash-train-1-1")) and job["metadata"].get("ownerReferences") and job,
+        what="the run's own job once the name is free",
+    )
+    assert job["metadata"]["ownerReferences"][0]["uid"] == cluster.get(FINETUNES, "clash")["metadata"]["uid"]
+    status = await cluster.phase_becomes("clash", "Pending")
+    assert status["reason"] == "JobCreated"

@@ -39,7 +39,7 @@ def test_history_is_bounded_newest_first():
     )
     assert [entry["runId"] for entry in plan.status["history"]] == ["4", "3"]
     assert plan.status["history"][0]["model"] == {"uri": "s3://m/run-4/model"}
-    assert plan.status["runId"] == "5"
+    assert plan.status["runId"].startswith("5-")
 
 
 def test_first_reconcile_plans_the_run_objects_in_dependency_order():
@@ -106,12 +106,12 @@ def test_resuming_after_training_finished_goes_on_to_evaluate():
 def test_reports_of_a_replaced_run_are_dropped():
     first = plan_reconcile(finetune(2), [], [], DEFAULTS, NOW)
     late_reports = {
-        "training": first.status["training"] | {"step": 900, "runId": "1"},
-        "checkpoint": {"step": 900, "uri": "s3://m/run-1/checkpoints/checkpoint-900", "runId": "1"},
+        "training": first.status["training"] | {"step": 900, "runId": "1-abcdef"},
+        "checkpoint": {"step": 900, "uri": "s3://m/run-1-abcdef/checkpoints/checkpoint-900", "runId": "1-abcdef"},
     }
     plan = plan_reconcile(finetune(2, status=first.status | late_reports), [], [], DEFAULTS, NOW)
     assert plan.status["training"]["step"] is None and plan.status["checkpoint"] is None
-    current = {"training": first.status["training"] | {"step": 10, "runId": "2"}}
+    current = {"training": first.status["training"] | {"step": 10, "runId": first.status["runId"]}}
     assert "checkpoint" not in plan_reconcile(finetune(2, status=first.status | current), [], [], DEFAULTS, NOW).status
 
 
@@ -151,3 +151,40 @@ def test_a_changed_default_does_not_start_a_new_run():
     upgraded = ClusterDefaults("img:new", "http://minio.s3:9000", "cluster-creds")
     again = plan_reconcile(finetune(status=first.status), [], [], upgraded, NOW)
     assert "runId" not in again.status and "history" not in again.status
+
+
+def test_a_run_is_identified_by_generation_resource_and_spec():
+    """A resource deleted and created again counts generations from 1 again, and a run's storage
+    must not be found by a run of another incarnation or spec."""
+    first = plan_reconcile(finetune(), [], [], DEFAULTS, NOW).status["runId"]
+    assert first.startswith("1-") and plan_reconcile(finetune(), [], [], DEFAULTS, NOW).status["runId"] == first
+    recreated = finetune()
+    recreated["metadata"]["uid"] = "u-2"
+    assert plan_reconcile(recreated, [], [], DEFAULTS, NOW).status["runId"] not in (first, None)
+    other_spec = finetune(training={"learningRate": 1e-4})
+    assert plan_reconcile(other_spec, [], [], DEFAULTS, NOW).status["runId"] not in (first, None)
+
+
+def test_the_clusters_policy_refuses_images_secrets_and_priority_classes_it_does_not_list():
+    from embedtune.operator.defaults import ClusterPolicy
+
+    policy = ClusterPolicy(("registry.corp/ml/",), ("team-s3",), ("batch-low",))
+    strict = ClusterDefaults("registry.corp/ml/trainer:1", policy=policy)
+    allowed = finetune(
+        storage={"uri": "s3://m/x", "credentialsSecret": "team-s3"}, resources={"priorityClassName": "batch-low"}
+    )
+    assert plan_reconcile(allowed, [], [], strict, NOW).status["phase"] == "Pending"
+    refused = finetune(
+        storage={"uri": "s3://m/x", "credentialsSecret": "prod-admin"},
+        resources={"image": "docker.io/evil/miner:1", "priorityClassName": "system-node-critical"},
+    )
+    plan = plan_reconcile(refused, [], [], strict, NOW)
+    assert plan.create == [] and plan.launches == []
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "PolicyRefused")
+    for refused_setting in (
+        "spec.resources.image: 'docker.io/evil/miner:1' is not allowed on this cluster",
+        "spec.storage.credentialsSecret: 'prod-admin' is not allowed",
+        "spec.resources.priorityClassName: 'system-node-critical' is not allowed",
+    ):
+        assert refused_setting in plan.status["message"]
+    assert [event.type for event in plan.events][-1] == "Warning"

@@ -15,13 +15,12 @@ import yaml
 
 from embedtune.operator.local import check_inputs, localize, merge_patch
 from embedtune.operator.spec import parse_finetune
+from embedtune.trainer.config import StorageAccess
 from embedtune.trainer.errors import InputError
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
 from support.processes import wait_for_training_step
 from support.tiny import synthetic_records, write_jsonl
-
-RUN = RunLayout("default", "tiny", "1")
 
 
 def write_manifest(folder: Path, tiny_model: Path, *, storage: dict | None = None, **sections) -> Path:
@@ -88,7 +87,8 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
     result = embedtune_run(manifest, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     status = final_status(result)
-    assert status["phase"] == "Succeeded" and status["runId"] == "1" and status["observedGeneration"] == 1
+    assert status["phase"] == "Succeeded" and status["runId"].startswith("1-") and status["observedGeneration"] == 1
+    run = RunLayout("default", "tiny", status["runId"])
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True",
         "Reconciling": "False",
@@ -96,10 +96,10 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
     }
     assert status["training"]["step"] == 30 and status["training"]["totalSteps"] == 30
     assert status["checkpoint"]["step"] == 30
-    assert status["model"]["uri"] == f"{s3_bucket}/runs/{RUN.model_prefix}"
-    storage = open_storage(f"{s3_bucket}/runs", endpoint=s3_endpoint)
-    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
-    stored_metrics = json.loads(storage.read_bytes(f"{RUN.run_prefix}/metrics.json"))
+    assert status["model"]["uri"] == f"{s3_bucket}/runs/{run.model_prefix}"
+    storage = open_storage(f"{s3_bucket}/runs", StorageAccess(endpoint=s3_endpoint))
+    assert storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")
+    stored_metrics = json.loads(storage.read_bytes(f"{run.run_prefix}/metrics.json"))
     assert status["metrics"]["finetuned"] == stored_metrics["finetuned"]
     assert status["metrics"]["delta"]["ndcg@10"] == pytest.approx(
         stored_metrics["finetuned"]["ndcg@10"] - stored_metrics["baseline"]["ndcg@10"]
@@ -121,7 +121,7 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
 
     again = embedtune_run(manifest, tmp_path)  # a finished run is reported, not repeated
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "run 1 already Succeeded" in again.stderr and "training job" not in again.stderr
+    assert f"run {run.run_id} already Succeeded" in again.stderr and "training job" not in again.stderr
     assert final_status(again) == status
 
     # a changed spec is a new generation: a new run, the old one kept in the history; a quality
@@ -135,9 +135,32 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
     gated = embedtune_run(changed, tmp_path)
     assert gated.returncode == 1, gated.stderr[-4000:]
     status = final_status(gated)
-    assert (status["phase"], status["reason"], status["runId"]) == ("Failed", "GateNotMet", "2")
-    assert [(entry["runId"], entry["phase"]) for entry in status["history"]] == [("1", "Succeeded")]
-    assert storage.exists(f"{RunLayout('default', 'tiny', '2').model_prefix}/{COMPLETE_MARKER}")
+    assert (status["phase"], status["reason"]) == ("Failed", "GateNotMet") and status["runId"].startswith("2-")
+    assert [(entry["runId"], entry["phase"]) for entry in status["history"]] == [(run.run_id, "Succeeded")]
+    assert storage.exists(f"{RunLayout('default', 'tiny', status['runId']).model_prefix}/{COMPLETE_MARKER}")
+
+    # the resource deleted and created again with another spec (fewer steps, another learning
+    # rate and instruction): a new run of its own, never the stored run of the old incarnation
+    storage.delete(["default/tiny/resource.yaml"])
+    recreated = write_manifest(
+        tmp_path,
+        tiny_model,
+        storage={"uri": f"{s3_bucket}/runs", "endpoint": s3_endpoint},
+        training={"maxSteps": 20, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 1e-4, "precision": "fp32"},
+        model={
+            "base": os.path.relpath(tiny_model, tmp_path),
+            "pooling": "mean",
+            "queryInstruction": "q: ",
+            "queryMaxLength": 16,
+            "passageMaxLength": 16,
+        },
+    )
+    fresh = embedtune_run(recreated, tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-4000:]
+    status = final_status(fresh)
+    assert status["runId"].startswith("1-") and status["runId"] != run.run_id and "history" not in status
+    assert "training job" in fresh.stderr and status["training"]["step"] == 20
+    assert status["model"]["uri"] != f"{s3_bucket}/runs/{run.model_prefix}"
 
 
 def test_ctrl_c_leaves_a_checkpoint_and_the_same_command_resumes(tiny_model, tmp_path):
@@ -161,20 +184,75 @@ def test_ctrl_c_leaves_a_checkpoint_and_the_same_command_resumes(tiny_model, tmp
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) == 130, log_path.read_text()[-4000:]
     output = log_path.read_text()
-    assert "the same command resumes run 1 from checkpoint" in output
     storage = open_storage(str(tmp_path / "embedtune-runs"))  # the default storage, in the working folder
     stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))
+    run = RunLayout("default", "tiny", stored["status"]["runId"])
+    assert f"the same command resumes run {run.run_id} from checkpoint" in output
     stopped_at = stored["status"]["checkpoint"]["step"]
     assert 3 <= stopped_at < 300 and stored["status"]["phase"] == "Training"
-    assert storage.exists(f"{RUN.checkpoint_prefix(stopped_at)}/{COMPLETE_MARKER}")
+    assert storage.exists(f"{run.checkpoint_prefix(stopped_at)}/{COMPLETE_MARKER}")
 
     resumed = embedtune_run(manifest, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resuming from checkpoint {stopped_at}" in resumed.stderr
     status = final_status(resumed)
-    assert status["phase"] == "Succeeded" and status["runId"] == "1" and status["training"]["step"] == 300
-    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(300)}/trainer_state.json"))
+    assert status["phase"] == "Succeeded" and status["runId"] == run.run_id and status["training"]["step"] == 300
+    state = json.loads(storage.read_bytes(f"{run.checkpoint_prefix(300)}/trainer_state.json"))
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(10, 301, 10))
+
+
+def test_sigterm_stops_like_ctrl_c_a_second_run_waits_and_a_killed_run_takes_its_trainer_along(tiny_model, tmp_path):
+    import psutil
+
+    from embedtune.operator.local import EXIT_BUSY
+
+    manifest = write_manifest(
+        tmp_path,
+        tiny_model,
+        training={"maxSteps": 300, "batchSizePerDevice": 8, "groupSize": 4, "learningRate": 5e-4, "precision": "fp32"},
+        checkpoint={"everySteps": 1000, "keep": 2},
+    )
+    storage = open_storage(str(tmp_path / "embedtune-runs"))
+
+    def start(log_path: Path) -> subprocess.Popen:
+        with open(log_path, "w") as log:
+            return subprocess.Popen(
+                run_command(manifest, "--work-dir", str(tmp_path / "work")), cwd=tmp_path, stdout=log, stderr=log
+            )
+
+    first_log = tmp_path / "first.log"
+    first = start(first_log)
+    wait_for_training_step(tmp_path / "work" / "tiny-train-1-1" / "progress.json", 2, first, first_log)
+    # a second run of the same manifest and storage refuses to start while the first holds the lock
+    second = embedtune_run(manifest, tmp_path)
+    assert second.returncode == EXIT_BUSY, second.stderr[-4000:]
+    assert f"another embedtune run of this resource is in progress (process {first.pid} on" in second.stderr
+
+    first.send_signal(signal.SIGTERM)  # e.g. `timeout -s TERM`: a stop, as Ctrl-C is, not a failure to retry
+    assert first.wait(timeout=120) == 128 + signal.SIGTERM, first_log.read_text()[-4000:]
+    stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))["status"]
+    assert (stored["phase"], stored["training"]["attempt"], stored["training"]["restarts"]) == ("Training", 1, 0)
+    assert stored["checkpoint"]["step"] >= 2 and "interrupted; the same command resumes" in first_log.read_text()
+    assert not storage.exists("default/tiny/run.lock")
+
+    # the command killed outright: its trainer stops with it, and the lock it left is taken over
+    third_log = tmp_path / "third.log"
+    third = start(third_log)
+    wait_for_training_step(
+        tmp_path / "work" / "tiny-train-1-1" / "progress.json", stored["checkpoint"]["step"] + 2, third, third_log
+    )
+    trainers = psutil.Process(third.pid).children(recursive=True)
+    third.kill()
+    third.wait()
+    gone, alive = psutil.wait_procs(trainers, timeout=120)
+    assert not alive, third_log.read_text()[-4000:]
+    run = RunLayout("default", "tiny", stored["runId"])
+    assert not storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")  # it stopped, it did not train on
+    assert storage.exists("default/tiny/run.lock")  # left behind by the killed command
+    from embedtune.operator.run_lock import RunLock
+
+    with RunLock(storage, "default/tiny/run.lock"):  # its process is gone: taken over at once
+        pass
 
 
 def test_invalid_data_stops_before_anything_runs_with_every_problem_listed(tiny_model, tmp_path):
@@ -188,7 +266,7 @@ def test_invalid_data_stops_before_anything_runs_with_every_problem_listed(tiny_
     assert not (tmp_path / "embedtune-runs").exists()
 
 
-def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_path):
+def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_path, tiny_model):
     write_jsonl(tmp_path / "train.jsonl", [{"query": "q", "pos": ["p"], "neg": ["p"]}])
     write_jsonl(tmp_path / "pool.jsonl", [{"text": "a"}, {"text": "\udc00"}])
     manifest = {
@@ -196,7 +274,7 @@ def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_pa
         "kind": "EmbeddingFinetune",
         "metadata": {"name": "pool"},
         "spec": {
-            "model": {"base": "m"},
+            "model": {"base": str(tiny_model)},
             "data": {"train": "train.jsonl", "hardNegatives": {"mine": True, "candidates": "pool.jsonl"}},
             "evaluation": {"enabled": False},
         },
@@ -210,6 +288,18 @@ def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_pa
         f"{tmp_path / 'pool.jsonl'}:2: text: not valid Unicode: lone surrogate \\udc00 at character 1 (a \\u escape "
         "without its pair)",
     ]
+
+
+def test_a_base_model_that_cannot_load_is_listed_with_the_data_problems_before_anything_runs(tmp_path, tiny_model):
+    (tmp_path / "empty-model").mkdir()
+    manifest_path = write_manifest(tmp_path, tmp_path / "empty-model")
+    with open(tmp_path / "data" / "train.jsonl", "a") as data:
+        data.write('{"query": "q", "pos": []}\n')
+    manifest = localize(yaml.safe_load(manifest_path.read_text()), tmp_path, str(tmp_path / "runs"))
+    with pytest.raises(InputError) as caught:
+        check_inputs(parse_finetune(manifest, on_cluster=False), tmp_path / "check")
+    assert caught.value.problems[0] == f"model.base: cannot load '{tmp_path / 'empty-model'}': the folder is empty"
+    assert "train.jsonl:301: pos: empty list" in caught.value.problems[1]
 
 
 def test_an_invalid_manifest_lists_every_problem(tmp_path, tiny_model):

@@ -84,8 +84,21 @@ def test_request_triples_name_scope_resource_and_verb():
 
 
 async def exercise_every_api_call(cluster) -> None:
+    # a Job of another owner already has the name of the run's first Job: a conflict until removed
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "rbac-train-1-1"},
+        "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "x"}], "restartPolicy": "Never"}}},
+    }
+    await cluster.request("POST", cluster._path(JOBS), foreign)
     await cluster.apply(minimal_manifest("rbac", runPolicy={"maxRestarts": 1}))
-    await cluster.eventually(lambda: cluster.get(JOBS, "rbac-train-1-1"), what="training job")
+    await cluster.eventually(lambda: cluster.status("rbac").get("reason") == "ChildConflict", what="conflict")
+    await cluster.request("DELETE", cluster._path(JOBS, "rbac-train-1-1"))
+    await cluster.eventually(
+        lambda: (cluster.get(JOBS, "rbac-train-1-1") or {}).get("metadata", {}).get("ownerReferences"),
+        what="training job",
+    )
     await cluster.job_running("rbac-train-1-1")
     await cluster.job_failed("rbac-train-1-1", exit_code=137, reason="OOMKilled")  # the pods are read
     await cluster.eventually(lambda: cluster.get(JOBS, "rbac-train-1-2"), what="second attempt")
@@ -106,7 +119,10 @@ async def exercise_every_api_call(cluster) -> None:
 @pytest.mark.timeout(120)
 @EMULATOR
 @pytest.mark.parametrize("mode", MODES)
-async def test_the_operator_uses_exactly_the_declared_rules(cluster, mode):
+async def test_the_operator_uses_exactly_the_declared_rules(cluster, mode, monkeypatch):
+    from embedtune.operator import handlers
+
+    monkeypatch.setattr(handlers, "CONFLICT_RETRY_SECONDS", 1)
     clusterwide, peering, kopf_args = MODES[mode]
     if peering:
         for crd in yaml.safe_load_all(PEERING_CRDS.read_text()):

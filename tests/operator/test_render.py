@@ -220,7 +220,11 @@ def test_evaluation_job_follows_the_contract():
     assert (config.run.namespace, config.run.name, config.run.report_status) == ("ml", "tiny", True)
     assert (config.encoding.pooling, config.encoding.normalize) == ("cls", True)
     assert (config.encoding.query_max_length, config.encoding.passage_max_length) == (64, 256)
-    assert (config.storage.endpoint, config.storage.region) == ("http://minio:9000", "eu-1")
+    assert (config.storage.endpoint, config.storage.region, config.storage.retry_seconds) == (
+        "http://minio:9000",
+        "eu-1",
+        300,
+    )
     assert container_of(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
 
 

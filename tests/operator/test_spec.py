@@ -44,6 +44,7 @@ def test_examples_are_valid(manifest):
             "spec.data.train.0: must be an s3:// URI on a cluster",
         ),
         ("data", {"heldOutFraction": 0.1}, "spec.data: set exactly one of `train` or `huggingFace`"),
+        ("training", {"weightDecay": float("inf")}, "spec.training.weightDecay: Input should be a finite number"),
     ],
 )
 def test_each_problem_names_its_field(section, value, problem):

@@ -62,10 +62,10 @@ def statuses_of_two_runs():
         learning_rate=1e-5,
         samples_per_second=3.5,
         eta_seconds=12.0,
-        run_id="1",
+        run_id=status["runId"],
     )
     report({"training": progress.to_status()})
-    report({"checkpoint": CheckpointStatus(step=5, uri="s3://m/c", run_id="1").to_dict()})
+    report({"checkpoint": CheckpointStatus(step=5, uri="s3://m/c", run_id=status["runId"]).to_dict()})
     evaluating = reconcile(1, [job(started, DONE)])
     metrics = MetricsReport(
         baseline={"ndcg@10": 0.5}, finetuned={"ndcg@10": 0.6}, delta={"ndcg@10": 0.1}, queries=3, corpus=9
@@ -79,7 +79,7 @@ def statuses_of_two_runs():
 
 def test_every_status_of_a_run_fits_the_status_model_and_the_crd_schema():
     seen = statuses_of_two_runs()
-    assert seen[-1]["phase"] == "Pending" and [entry["runId"] for entry in seen[-1]["history"]] == ["2", "1"]
+    assert seen[-1]["phase"] == "Pending" and [entry["runId"][:2] for entry in seen[-1]["history"]] == ["2-", "1-"]
     assert seen[-1]["history"][1]["reason"] == "GateNotMet"
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     for status in seen:

@@ -5,13 +5,16 @@ import time
 import pytest
 
 from embedtune.trainer.checkpoints import CheckpointStore, CheckpointUploader, is_published, publish_dir
+from embedtune.trainer.config import StorageAccess
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
 
 
 @pytest.fixture
 def store(s3_bucket, s3_endpoint):
-    return CheckpointStore(open_storage(f"{s3_bucket}/ckpt", endpoint=s3_endpoint), RunLayout("ml", "finance", "7"))
+    return CheckpointStore(
+        open_storage(f"{s3_bucket}/ckpt", StorageAccess(endpoint=s3_endpoint)), RunLayout("ml", "finance", "7")
+    )
 
 
 def _checkpoint(root, step, files=None):
@@ -53,6 +56,37 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(store, tmp_path):
     store.storage.write_bytes("ml/finance/run-7/checkpoints/checkpoint-20/model.safetensors", b"bit rot!!!!!!")
     step, path = store.download_latest(tmp_path / "restore")
     assert step == 10 and (path / "model.safetensors").read_bytes() == b"weights 10"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "a truncated marker",
+        "a file deleted from storage",
+        "a marker listing a file outside the checkpoint",
+        "a marker without files",
+    ],
+)
+def test_a_broken_checkpoint_falls_back_to_the_one_before(store, tmp_path, damage, caplog):
+    for step in (10, 20):
+        store.upload_part(_checkpoint(tmp_path, step), step, node_rank=0)
+        store.mark_complete(step, 1)
+    prefix = store.layout.checkpoint_prefix(20)
+    marker = store.storage.read_bytes(f"{prefix}/{COMPLETE_MARKER}")
+    if damage == "a truncated marker":
+        store.storage.write_bytes(f"{prefix}/{COMPLETE_MARKER}", marker[: len(marker) // 2])
+    elif damage == "a file deleted from storage":
+        store.storage.delete([f"{prefix}/model.safetensors"])
+    elif damage == "a marker listing a file outside the checkpoint":
+        listed = json.loads(marker)
+        listed["files"][0]["path"] = "../../../../escaped"
+        store.storage.write_bytes(f"{prefix}/{COMPLETE_MARKER}", json.dumps(listed).encode())
+    else:
+        store.storage.write_bytes(f"{prefix}/{COMPLETE_MARKER}", b'{"step": 20}')
+    step, path = store.download_latest(tmp_path / "restore")
+    assert step == 10 and (path / "model.safetensors").read_bytes() == b"weights 10"
+    assert "checkpoint-20: " in caplog.text and "trying an older checkpoint" in caplog.text
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_every_node_must_report_before_the_marker(store, tmp_path):

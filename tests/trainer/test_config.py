@@ -1,4 +1,8 @@
+from collections.abc import Iterator
+from typing import get_args
+
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from embedtune.trainer.contract import TrainerConfig, load_config
 from embedtune.trainer.errors import InputError
@@ -38,3 +42,46 @@ def test_defaults_and_single_path(tmp_path):
     assert config.data.train == ["s3://b/train.jsonl"]
     assert config.training.group_size == 8 and config.checkpoint.keep == 3
     assert config.model.flagembedding_pooling == "cls"
+
+
+def _float_fields(model: type[BaseModel], path: str = "") -> Iterator[tuple[type[BaseModel], str, str]]:
+    """(model, alias, dotted path) of every float field reachable from `model`."""
+    for info in model.model_fields.values():
+        alias = info.alias or ""
+        for kind in get_args(info.annotation) or (info.annotation,):
+            if kind is float:
+                yield model, alias, f"{path}{alias}"
+            elif isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _float_fields(kind, f"{path}{alias}.")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_setting_must_be_finite(value):
+    from embedtune.operator.spec import EmbeddingFinetuneSpec
+
+    fields = {*_float_fields(TrainerConfig), *_float_fields(EmbeddingFinetuneSpec)}
+    assert {path for _, _, path in fields} >= {"training.weightDecay", "evaluation.gate.minImprovement"}
+    for model, alias, path in fields:
+        with pytest.raises(ValidationError) as caught:
+            model.model_validate({alias: value})
+        assert "finite_number" in {error["type"] for error in caught.value.errors() if error["loc"] == (alias,)}, path
+
+
+def test_a_non_finite_number_in_a_deepspeed_config_is_refused_by_its_path(tmp_path):
+    # the diverged run of issue 10: YAML reads .inf as a float, and it trained a model of NaN weights
+    path = tmp_path / "c.yaml"
+    path.write_text("""
+model: {base: m}
+data: {train: a.jsonl}
+storage: {uri: /tmp/s}
+training:
+  weightDecay: .inf
+  deepspeed: {config: {optimizer: {params: {lr: .nan, betas: [0.9, .inf]}}, gradient_clipping: 1.0}}
+""")
+    with pytest.raises(InputError) as caught:
+        load_config(path, TrainerConfig)
+    assert caught.value.problems == [
+        "config.training.weightDecay: Input should be a finite number",
+        "config.training.deepspeed.config: optimizer.params.lr (nan), optimizer.params.betas.1 (inf): "
+        "must be a finite number",
+    ]

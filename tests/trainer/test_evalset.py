@@ -1,5 +1,6 @@
 import pytest
 
+from embedtune.trainer.config import StorageAccess
 from embedtune.trainer.errors import InputError
 from embedtune.trainer.evalset import judgments, load_eval_set, passage_text
 from support.tiny import write_jsonl
@@ -109,6 +110,8 @@ def test_missing_files_and_bad_json(tmp_path):
 def test_loads_from_s3(tmp_path, s3_bucket, s3_endpoint):
     from embedtune.trainer.storage import open_storage
 
-    open_storage(f"{s3_bucket}/sets", endpoint=s3_endpoint).upload_dir(_write(tmp_path / "set"), "finance")
-    eval_set = load_eval_set(f"{s3_bucket}/sets/finance", tmp_path / "dl", endpoint=s3_endpoint)
+    open_storage(f"{s3_bucket}/sets", StorageAccess(endpoint=s3_endpoint)).upload_dir(
+        _write(tmp_path / "set"), "finance"
+    )
+    eval_set = load_eval_set(f"{s3_bucket}/sets/finance", tmp_path / "dl", StorageAccess(endpoint=s3_endpoint))
     assert len(eval_set.corpus) == 3 and len(eval_set.qrels) == 3

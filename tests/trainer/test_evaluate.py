@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from embedtune.operator.cli import main as cli
-from embedtune.trainer.config import ModelSpec
+from embedtune.trainer.config import ModelSpec, StorageAccess
 from embedtune.trainer.data import Record, split_held_out
 from embedtune.trainer.encoding import load_encoder, model_settings
 from embedtune.trainer.evalset import load_eval_set, passage_text
@@ -106,7 +106,7 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
     from embedtune.trainer import status
     from embedtune.trainer.storage import open_storage
 
-    storage = open_storage(s3_bucket, endpoint=s3_endpoint)
+    storage = open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint))
     storage.upload_dir(eval_dir, "run-1/eval")
     storage.upload_dir(exported, "run-1/model")
     patches = []
@@ -159,7 +159,7 @@ def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
     assert cli(["evaluate", "--model", str(exported), "--eval-set", str(eval_dir), "--k", "0,10"]) == 2
     assert "--k 0,10: expected positive integers" in capsys.readouterr().err
     assert cli(["evaluate", "--model", str(tmp_path / "nowhere"), "--eval-set", str(eval_dir)]) == 2
-    assert f"model {tmp_path / 'nowhere'}: cannot load it" in capsys.readouterr().err
+    assert f"model: cannot load '{tmp_path / 'nowhere'}': no such file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as parse_error:  # argparse's own exit code for a bad flag is 2 too
         cli(["evaluate", "--model", str(exported), "--eval-set", str(eval_dir), "--batch-size", "0"])
     assert parse_error.value.code == 2

@@ -1,3 +1,5 @@
+import pytest
+
 from embedtune.trainer.contract import TrainingProgress
 from embedtune.trainer.progress import JsonFileReporter, ThrottledReporter, progress_from_log
 
@@ -47,9 +49,9 @@ def test_progress_is_throttled_but_never_lost_and_a_failing_reporter_is_containe
 
 def test_rates_count_only_this_attempts_steps():
     progress = progress_from_log(
-        150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5}, steps_done=50, elapsed=25.0, samples_per_step=64
+        150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5}, steps_done=50, elapsed=25.0, samples_done=3200
     )
-    assert progress.samples_per_second == 128.0  # 2 steps/s x 64 samples
+    assert progress.samples_per_second == 128.0  # the queries processed, not steps x the configured batch
     assert progress.eta_seconds == 25.0  # 50 steps left at 2 steps/s
     assert progress.to_status() == {
         "step": 150,
@@ -59,7 +61,7 @@ def test_rates_count_only_this_attempts_steps():
         "samplesPerSecond": 128.0,
         "etaSeconds": 25,
     }
-    assert progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, samples_per_step=8).eta_seconds is None
+    assert progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, samples_done=0).eta_seconds is None
 
 
 def test_json_file_reporter_keeps_the_latest(tmp_path):
@@ -70,3 +72,58 @@ def test_json_file_reporter_keeps_the_latest(tmp_path):
 
     state = json.loads((tmp_path / "p.json").read_text())
     assert state["training"]["step"] == 3 and state["checkpoint"] == {"step": 3, "uri": "/c"}
+
+
+class Reports(list):
+    def training_progress(self, progress):
+        self.append(progress)
+
+    def checkpoint_stored(self, step, uri):
+        pass
+
+
+def test_the_rate_counts_the_queries_processed_not_the_configured_batch(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    from embedtune.trainer.runner import ProgressCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4096, use_cpu=True)
+    reports = Reports()
+    callback = ProgressCallback(ThrottledReporter([reports], interval=0), model=None)
+    state = TrainerState(global_step=0, max_steps=10)
+    callback.on_train_begin(args, state, None)
+    for step in (1, 2):  # the data has 36 queries: each step is all of them
+        state.global_step = step
+        callback.on_log(args, state, None, logs={"loss": 1.0, "queries": 36})
+    # samples/s over steps/s (the ETA's rate) is the queries per step, however long the steps took
+    last = reports[-1]
+    assert last.samples_per_second * last.eta_seconds / (10 - last.step) == pytest.approx(36)
+
+
+def test_progress_and_checkpoints_written_from_two_threads_are_both_kept(tmp_path):
+    """Progress comes from the training loop, checkpoints from the upload thread: neither write
+    may fail on the other's temporary file, or lose the other's section."""
+    import json
+    import threading
+
+    reporter = JsonFileReporter(tmp_path / "progress.json")
+    errors = []
+
+    def hammer(report):
+        try:
+            for step in range(300):
+                report(step)
+        except Exception as exc:  # any failure of a writer is the defect
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=hammer, args=(lambda step: reporter.training_progress(_progress(step)),)),
+        threading.Thread(target=hammer, args=(lambda step: reporter.checkpoint_stored(step, f"/c/{step}"),)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert state["training"]["step"] == 299 and state["checkpoint"] == {"step": 299, "uri": "/c/299"}

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from embedtune.trainer.checkpoints import CheckpointStore
+from embedtune.trainer.config import StorageAccess
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
 from support.processes import wait_for_training_step
@@ -97,16 +99,20 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def losses(storage, step: int) -> dict[int, float]:
+def training_logs(storage, step: int) -> list[dict]:
     state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(step)}/trainer_state.json"))
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+    return [entry for entry in state["log_history"] if "loss" in entry]
+
+
+def losses(storage, step: int) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in training_logs(storage, step)}
 
 
 @pytest.mark.parametrize("cross_device,queries,passages", [(True, 8, 32), (False, 4, 16)])
 def test_two_ranks_score_each_query_against_the_passages_of_both(
     tiny_model, tmp_path, s3_bucket, s3_endpoint, cross_device, queries, passages
 ):
-    storage = open_storage(s3_bucket, endpoint=s3_endpoint)
+    storage = open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint))
     storage.upload_dir(
         write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_records(96, negatives=2)).parent, "datasets/tiny"
     )
@@ -129,6 +135,7 @@ def test_two_ranks_score_each_query_against_the_passages_of_both(
     assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
     assert storage.exists(f"{RUN.eval_prefix}/{COMPLETE_MARKER}")
     assert CheckpointStore(storage, RUN).complete_steps() == [4, 2]
+    assert [entry["queries"] for entry in training_logs(storage, 4)] == [8, 8, 8, 8]  # summed over both ranks
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["model"] == f"{s3_bucket}/{RUN.model_prefix}" and summary["step"] == 4
 
@@ -144,7 +151,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(
     assert len(expected) == 120
 
     config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint, **steps)
-    store = CheckpointStore(open_storage(s3_bucket, endpoint=s3_endpoint), RUN)
+    store = CheckpointStore(open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint)), RUN)
     # a lost pod: the whole process group dies at once, right after its first complete checkpoint
     victim_log = tmp_path / "victim.log"
     with open(victim_log, "w") as log:
@@ -207,22 +214,89 @@ def test_a_signal_stops_training_with_a_checkpoint_and_the_next_run_resumes_ther
     "problem,message",
     [
         ("data", ":3: pos: empty list (need at least one positive passage)"),
-        ("model", "model.base: cannot load"),
+        # issue 10: an empty folder was retried as an infrastructure failure (exit 1)
+        ("model", "model.base: cannot load '{model}': the folder is empty"),
+        ("storage", f"holds run {RUN.run_id} of another spec (fingerprint old-spec, this config's new-spec)"),
     ],
 )
 def test_input_errors_exit_2_before_training(tiny_model, tmp_path, problem, message):
     data = write_jsonl(tmp_path / "bad.jsonl", synthetic_records(2) + [{"query": "q", "pos": []}])
-    if problem == "model":
+    model = tiny_model
+    if problem != "data":
         data = write_jsonl(tmp_path / "good.jsonl", synthetic_records(40))
-    config = write_config(
-        tmp_path, tmp_path / "no-such-model" if problem == "model" else tiny_model, str(tmp_path / "store"), data=data
-    )
+    if problem == "model":
+        model = tmp_path / "empty-model"
+        model.mkdir()
+        message = message.format(model=model)
+    config = write_config(tmp_path, model, str(tmp_path / "store"), data=data)
+    if problem == "storage":  # the storage of this run id holds another spec's run: never reused
+        settings = yaml.safe_load(config.read_text())
+        settings["run"]["specFingerprint"] = "new-spec"
+        config.write_text(yaml.safe_dump(settings))
+        open_storage(str(tmp_path / "store")).write_bytes(
+            f"{RUN.run_prefix}/run.json", b'{"specFingerprint": "old-spec"}'
+        )
     termination = tmp_path / "termination-log"
     result = run_trainer(config, nproc=2, EMBEDTUNE_TERMINATION_LOG=str(termination))
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
-    assert json.loads(termination.read_text())["reason"] == "InputError"
+    expected_reason = "ModelNotLoadable" if problem == "model" else "InputError"
+    assert json.loads(termination.read_text())["reason"] == expected_reason
     assert not (tmp_path / "store" / RUN.checkpoints_prefix).exists()
+
+
+@pytest.mark.parametrize(
+    "logging_steps,reason",
+    [
+        (1, "training diverged: loss nan and gradient norm nan at step 2 (last finite loss "),
+        # no log sees it before the checkpoint is due: its weights are checked before the upload
+        (100, "training diverged: checkpoint 2 has non-finite weights (embeddings.LayerNorm.bias, "),
+    ],
+)
+def test_a_diverged_run_exits_2_naming_its_settings_and_stores_nothing(tiny_model, tmp_path, logging_steps, reason):
+    # issue 10: weightDecay .inf "succeeded" with a model of NaN weights and a reported loss of 0.0
+    training = {"maxSteps": 6, "weightDecay": 1e30, "warmupRatio": 0, "loggingSteps": logging_steps}
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "store"), training=training)
+    termination = tmp_path / "termination-log"
+    result = run_trainer(config, nproc=1, EMBEDTUNE_TERMINATION_LOG=str(termination))
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = json.loads(termination.read_text())
+    assert message["reason"] == "TrainingDiverged" and message["message"].startswith(reason), message
+    assert "training.weightDecay: 1e+30; AdamW's is usually 0 to 0.1" in message["problems"]
+    storage = open_storage(str(tmp_path / "store"))
+    assert not storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    assert CheckpointStore(storage, RUN).complete_steps() == []
+    # the status shows the last real loss or none, never a made-up one (HF's NaN filter reported 0.0)
+    progress = tmp_path / "work" / "progress.json"
+    if progress.exists():
+        reported = json.loads(progress.read_text())["training"]
+        assert reported["step"] == 1 and reported["loss"] > 1, reported
+
+
+def test_a_batch_larger_than_the_data_is_warned_about_and_progress_counts_what_was_processed(tiny_model, tmp_path):
+    # issue 10: batchSizePerDevice beyond the data reported 4.3e9 samples/s
+    records = synthetic_records(40, negatives=0)
+    for index, record in enumerate(records):  # lengths vary, so batches carry padding
+        record["query"] = " ".join(record["query"].split()[: 3 + index % 3])
+        record["pos"] = [" ".join(record["pos"][0].split()[: 2 + index % 5])]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    training = {"maxSteps": 2, "batchSizePerDevice": 4096, "groupSize": 1}
+    config = write_config(tmp_path, tiny_model, str(tmp_path / "store"), data=data, training=training)
+    result = run_trainer(config, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    train = [json.loads(line) for line in (tmp_path / "work" / "data" / "train.jsonl").read_text().splitlines()]
+    assert (
+        "training.batchSizePerDevice 4096: a step would take 4096 queries (1 process(es), 1 accumulation step(s)) "
+        f"but the training data has {len(train)} records"
+    ) in result.stderr
+    # every step is the whole (held-out-less) data: its queries and their positives, each tokenized alone
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [record["query"] for record in train] + [record["pos"][0] for record in train]
+    tokens = sum(len(ids) for ids in tokenizer(texts, max_length=16, truncation=True)["input_ids"])
+    logs = training_logs(open_storage(str(tmp_path / "store")), 2)
+    assert [(entry["queries"], entry["tokens"]) for entry in logs] == [(len(train), tokens)] * 2
+    assert all(entry["padded_tokens"] > entry["tokens"] for entry in logs)
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
