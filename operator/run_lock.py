@@ -102,8 +102,8 @@ class RunLock:
             try:
                 if self._read()[1] == self.token:  # never overwrite a lock another run has taken over
                     self.storage.write_bytes(self.key, self._document())
-            except Exception:  # storage down for a while: the next refresh tries again
-                logger.warning("could not refresh the run lock %s", self.key, exc_info=True)
+            except Exception as error:  # storage down for a while: the next refresh tries again
+                logger.warning("could not refresh the run lock %s: %s", self.key, error)
 
     def release(self) -> None:
         self._stop.set()
@@ -112,8 +112,8 @@ class RunLock:
         try:
             if self._read()[1] == self.token:
                 self.storage.delete([self.key])
-        except Exception:  # storage down: the next run on this machine sees this process gone
-            logger.warning("could not release the run lock %s", self.key, exc_info=True)
+        except Exception as error:  # storage down: the next run on this machine sees this process gone
+            logger.warning("could not release the run lock %s: %s", self.key, error)
 
 
 def _stale(holder: LockHolder) -> bool:

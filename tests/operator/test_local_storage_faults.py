@@ -26,7 +26,6 @@ from support.outage import StorageOutage
 from support.tiny import synthetic_records, write_jsonl
 
 pytestmark = pytest.mark.storage_faults
-RUN = RunLayout("default", "tiny", "1")
 OUTAGE_SECONDS = 30
 
 
@@ -65,6 +64,13 @@ def embedtune(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def stored_run(storage) -> RunLayout:
+    """The layout of the one run stored for default/tiny (its id has a digest of uid and spec)."""
+    run_ids = {obj.key.split("/")[2].removeprefix("run-") for obj in storage.list("default/tiny") if "/run-" in obj.key}
+    assert len(run_ids) == 1, run_ids
+    return RunLayout("default", "tiny", run_ids.pop())
+
+
 def stored_status(storage) -> dict:
     return yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))["status"]
 
@@ -96,12 +102,13 @@ def test_a_run_outlasts_outages_of_30_s_at_a_checkpoint_upload_and_at_the_metric
     storage = open_storage(storage_uri, StorageAccess(endpoint=s3_endpoint))
     status = stored_status(storage)
     assert (status["phase"], status["training"]["step"], status["checkpoint"]["step"]) == ("Succeeded", 30, 30)
-    assert CheckpointStore(storage, RUN).complete_steps() == [30, 20]
-    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(30)}/trainer_state.json"))
+    run = stored_run(storage)
+    assert CheckpointStore(storage, run).complete_steps() == [30, 20]
+    state = json.loads(storage.read_bytes(f"{run.checkpoint_prefix(30)}/trainer_state.json"))
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(10, 31, 10))
-    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    assert storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")
     assert (
-        json.loads(storage.read_bytes(f"{RUN.run_prefix}/metrics.json"))["finetuned"] == status["metrics"]["finetuned"]
+        json.loads(storage.read_bytes(f"{run.run_prefix}/metrics.json"))["finetuned"] == status["metrics"]["finetuned"]
     )
 
 
@@ -114,13 +121,14 @@ def test_storage_that_never_comes_back_ends_each_stage_cleanly_and_the_run_resum
         tmp_path, tiny_model, {"uri": storage_uri, "endpoint": outage.endpoint, "retrySeconds": 2}, max_steps=50
     )
     storage = open_storage(storage_uri, StorageAccess(endpoint=s3_endpoint))
-    store = CheckpointStore(storage, RUN)
     work = tmp_path / "work"
 
     # 1. down at checkpoint 20's completion marker: its files are stored, it is not marked
     outage.cut_when(rb"PUT /\S*/checkpoint-20/_COMPLETE\.json", None)
     result = embedtune("run", str(manifest), "--work-dir", str(work), cwd=tmp_path)
     last_line = ended_cleanly(result, EXIT_STORAGE_UNAVAILABLE)
+    run = stored_run(storage)
+    store = CheckpointStore(storage, run)
     assert f"checkpoint-20 was not stored: storage {storage_uri} at {outage.endpoint} failed for 2 s" in result.stderr
     assert f"the last stored checkpoint is step 10 ({store.uri(10)}); running again resumes from it" in result.stderr
     assert last_line.startswith("storage unavailable: ") and "was not saved to" in last_line
@@ -128,27 +136,27 @@ def test_storage_that_never_comes_back_ends_each_stage_cleanly_and_the_run_resum
     # training waited at checkpoint 30 for checkpoint 20; it never trained on past it
     assert json.loads((work / "tiny-train-1-1" / "progress.json").read_text())["training"]["step"] <= 30
     outage.on()
-    assert store.complete_steps() == [10] and storage.list(RUN.checkpoint_prefix(20))
+    assert store.complete_steps() == [10] and storage.list(run.checkpoint_prefix(20))
     assert stored_status(storage)["phase"] == "Training"  # what was saved last: the run goes on
 
     # 2. down at the model upload
-    outage.cut_when(rb"PUT /\S*/run-1/model/", None)
+    outage.cut_when(rf"PUT /\S*/{run.run_prefix}/model/".encode(), None)
     result = embedtune("run", str(manifest), cwd=tmp_path)
     ended_cleanly(result, EXIT_STORAGE_UNAVAILABLE)
     assert "resuming from checkpoint 10" in result.stderr  # never from the unmarked checkpoint 20
     assert "the model was not stored: storage " in result.stderr
     assert f"the last stored checkpoint is step 50 ({store.uri(50)}); running again resumes from it" in result.stderr
     outage.on()
-    assert store.complete_steps() == [50, 40] and not storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    assert store.complete_steps() == [50, 40] and not storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")
 
     # 3. down at the evaluation's metrics write: the model is exported from checkpoint 50 alone
     outage.cut_when(rb"PUT /\S*/metrics\.json", None)
     result = embedtune("run", str(manifest), cwd=tmp_path)
     ended_cleanly(result, EXIT_STORAGE_UNAVAILABLE)
     assert "resuming from checkpoint 50" in result.stderr and "training finished" not in result.stderr
-    assert f"storage unavailable: storage {storage_uri}/{RUN.run_prefix} at {outage.endpoint}" in result.stderr
+    assert f"storage unavailable: storage {storage_uri}/{run.run_prefix} at {outage.endpoint}" in result.stderr
     outage.on()
-    assert storage.exists(f"{RUN.model_prefix}/{COMPLETE_MARKER}")
+    assert storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")
     assert stored_status(storage)["phase"] == "Evaluating"
 
     # 4. storage is back: the run ends where it stopped
@@ -156,9 +164,9 @@ def test_storage_that_never_comes_back_ends_each_stage_cleanly_and_the_run_resum
     assert result.returncode == 0, result.stderr[-4000:]
     assert "training job" not in result.stderr
     status = stored_status(storage)
-    assert (status["phase"], status["runId"]) == ("Succeeded", "1")
-    assert storage.exists(f"{RUN.run_prefix}/metrics.json")
-    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(50)}/trainer_state.json"))
+    assert (status["phase"], status["runId"]) == ("Succeeded", run.run_id)
+    assert storage.exists(f"{run.run_prefix}/metrics.json")
+    state = json.loads(storage.read_bytes(f"{run.checkpoint_prefix(50)}/trainer_state.json"))
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(10, 51, 10))
 
 
