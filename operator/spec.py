@@ -22,6 +22,7 @@ from embedtune.trainer.config import (
     ModelSpec,
     StorageSpec,
     TrainingSpec,
+    model_training_problems,
     problems_from_validation_error,
 )
 from embedtune.trainer.contract import DNS_LABEL, DNS_LABEL_MAX_LENGTH
@@ -133,7 +134,7 @@ class EmbeddingFinetuneSpec(CamelModel):
 def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True) -> list[str]:
     """Rules between fields, each as `spec.path: reason` (the CRD's CEL rules mirror them).
     On one machine (`embedtune run`) local paths are fine too."""
-    problems = []
+    problems = [f"spec.{problem}" for problem in model_training_problems(spec.model, spec.training)]
     if on_cluster:
         if not spec.storage.uri.startswith("s3://"):
             problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")

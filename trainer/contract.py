@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from .config import (
     CamelModel,
@@ -35,6 +35,7 @@ from .config import (
     StorageAccess,
     StorageSpec,
     TrainingSpec,
+    model_training_problems,
     problems_from_validation_error,
 )
 from .errors import InputError, StorageUnavailable
@@ -92,6 +93,12 @@ class TrainerConfig(CamelModel):
     run: RunIdentity = RunIdentity()
     work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")
     progress_interval_seconds: float = Field(5.0, gt=0, description="Minimum time between progress reports.")
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> TrainerConfig:
+        if problems := model_training_problems(self.model, self.training):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def all_optional(model: type[CamelModel], name: str, exclude: set[str]) -> type[CamelModel]:
