@@ -30,7 +30,9 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
     return path
 
 
-def build_tiny_xlm_roberta(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
+def build_tiny_xlm_roberta(
+    path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2, dropout: float = 0.1
+) -> Path:
     """A tiny XLM-RoBERTa (bge-m3's architecture) with a SentencePiece-style Unigram tokenizer
     trained here with the `tokenizers` library."""
     import torch
@@ -71,6 +73,8 @@ def build_tiny_xlm_roberta(path: Path, *, seed: int = 0, hidden: int = 32, layer
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     XLMRobertaModel(config).save_pretrained(path)
     return path
