@@ -1,6 +1,7 @@
 """bge-m3's unified fine-tuning: its export loads in FlagEmbedding's BGEM3FlagModel and its
 dense part in sentence-transformers, each reproducing what the trainer's model computes."""
 
+import numpy as np
 import pytest
 import torch
 from FlagEmbedding import BGEM3FlagModel
@@ -62,3 +63,47 @@ def test_the_export_loads_in_bgem3flagmodel_and_sentence_transformers_with_the_t
 
     st = SentenceTransformer(str(exported), device="cpu")
     assert cosine(st.encode_document(TEXTS), dense).min() >= 0.9999
+
+
+@pytest.fixture
+def m3_eval_set(tmp_path):
+    from embedtune.trainer.data import Record, split_held_out
+    from embedtune.trainer.evalset import load_eval_set
+    from support.tiny import synthetic_records
+
+    records = [Record(query=r["query"], pos=r["pos"], neg=r["neg"]) for r in synthetic_records(40, seed=5)]
+    _, eval_set = split_held_out(records, 0.5, seed=1)
+    eval_set.write(tmp_path / "eval")
+    return load_eval_set(str(tmp_path / "eval"), tmp_path / "work")
+
+
+def test_each_mode_ranks_as_bgem3flagmodel_scores(trained_m3, m3_eval_set, tmp_path):
+    """sparse searches the corpus; colbert and hybrid re-rank the dense top candidates by the
+    scores FlagEmbedding's own compute_score gives each pair (hybrid: weighted 0.4/0.2/0.4)."""
+    from embedtune.trainer.contract import HybridWeights
+    from embedtune.trainer.encoding import encode_passages, encode_queries, load_encoder, load_m3_encoder
+    from embedtune.trainer.evalset import passage_text
+    from embedtune.trainer.evaluate import m3_rankings
+    from embedtune.trainer.search import search
+
+    _, checkpoint = trained_m3
+    spec = ModelSpec(base="x", outputs=["dense", "sparse", "colbert"], query_max_length=16, passage_max_length=24)
+    exported = export_sentence_transformers(checkpoint, tmp_path / "model", spec)
+    encoder, m3 = load_encoder(exported), load_m3_encoder(exported, spec)
+    queries = [q["text"] for q in m3_eval_set.queries]
+    passages = [passage_text(p) for p in m3_eval_set.corpus]
+    depth, k = 8, 5
+    scores, positions = search(encode_queries(encoder, queries), encode_passages(encoder, passages), depth)
+    found = m3_rankings(m3, m3_eval_set, ["sparse", "colbert", "hybrid"], scores, positions, k, HybridWeights())
+
+    every_pair = m3.compute_score(
+        [(q, p) for q in queries for p in passages], weights_for_different_modes=[0.4, 0.2, 0.4]
+    )
+    sparse = np.array(every_pair["sparse"]).reshape(len(queries), len(passages))
+    for i in range(len(queries)):
+        expected = sorted((p for p in range(len(passages)) if sparse[i, p] > 0), key=lambda p: (-sparse[i, p], p))[:k]
+        assert list(found["sparse"][i][: len(expected)]) == expected
+        for mode, key in (("colbert", "colbert"), ("hybrid", "colbert+sparse+dense")):
+            pair = np.array(every_pair[key]).reshape(len(queries), len(passages))
+            expected = sorted(positions[i], key=lambda p: (-pair[i, p], p))[:k]
+            assert list(found[mode][i]) == expected, (mode, i)
