@@ -377,20 +377,23 @@ class _Planner:
         if gate is None:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded")
             return
-        delta = ((metrics or {}).get("delta") or {}).get(gate.metric)
+        scores = metrics if gate.mode == "dense" else ((metrics or {}).get("modes") or {}).get(gate.mode)
+        delta = ((scores or {}).get("delta") or {}).get(gate.metric)
+        name = gate.metric if gate.mode == "dense" else f"{gate.mode} {gate.metric}"
         if delta is None:
-            passed, reason, message = None, Reason.METRICS_MISSING, f"status.metrics.delta has no {gate.metric}"
+            where = "status.metrics.delta" if gate.mode == "dense" else f"status.metrics.modes.{gate.mode}.delta"
+            passed, reason, message = None, Reason.METRICS_MISSING, f"{where} has no {gate.metric}"
         elif delta >= gate.min_improvement:
             passed, reason, message = (
                 True,
                 Reason.GATE_PASSED,
-                (f"{gate.metric} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
+                (f"{name} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
             )
         else:
             passed, reason, message = (
                 False,
                 Reason.GATE_NOT_MET,
-                (f"{gate.metric} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
+                (f"{name} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
             )
         self.gate_condition = self.condition({}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
         if passed:

@@ -22,9 +22,10 @@ from embedtune.trainer.config import (
     ModelSpec,
     StorageSpec,
     TrainingSpec,
+    model_training_problems,
     problems_from_validation_error,
 )
-from embedtune.trainer.contract import DNS_LABEL, DNS_LABEL_MAX_LENGTH
+from embedtune.trainer.contract import DNS_LABEL, DNS_LABEL_MAX_LENGTH, HybridWeights, dimension_mode
 from embedtune.trainer.errors import InputError
 
 from .constants import API_VERSION, KIND, MAX_NAME_LENGTH
@@ -89,6 +90,11 @@ class ResourcesSpec(CamelModel):
 class QualityGate(CamelModel):
     metric: str = Field("ndcg@10", pattern=_GATE_METRIC.pattern, description="<metric>@<k>, k one of kValues.")
     min_improvement: float = Field(0.0, description="Fine-tuned minus baseline must be at least this.")
+    mode: str = Field(
+        "dense",
+        description="The scoring mode whose metric is read: dense; sparse, colbert or hybrid (model.outputs "
+        "[dense, sparse, colbert]); dense-DIM for a training.matryoshkaDims dimension.",
+    )
 
 
 class EvaluationSpec(CamelModel):
@@ -101,6 +107,13 @@ class EvaluationSpec(CamelModel):
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
     gate: QualityGate | None = Field(
         None, description="Fail the run when the fine-tuned model does not improve enough."
+    )
+    hybrid_weights: HybridWeights = Field(
+        default_factory=HybridWeights,
+        description="bge-m3's hybrid score: weights of the dense, sparse and ColBERT scores.",
+    )
+    rerank_depth: int = Field(
+        100, ge=1, le=10000, description="Dense candidates per query that the colbert and hybrid modes re-rank."
     )
 
 
@@ -133,7 +146,7 @@ class EmbeddingFinetuneSpec(CamelModel):
 def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True) -> list[str]:
     """Rules between fields, each as `spec.path: reason` (the CRD's CEL rules mirror them).
     On one machine (`embedtune run`) local paths are fine too."""
-    problems = []
+    problems = [f"spec.{problem}" for problem in model_training_problems(spec.model, spec.training)]
     if on_cluster:
         if not spec.storage.uri.startswith("s3://"):
             problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")
@@ -153,7 +166,19 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
             )
         if not spec.evaluation.enabled:
             problems.append("spec.evaluation.gate: needs evaluation.enabled: true")
+        if spec.evaluation.gate.mode not in (modes := evaluated_modes(spec)):
+            problems.append(
+                f"spec.evaluation.gate.mode: {spec.evaluation.gate.mode!r} is not evaluated for this model; "
+                f"one of {', '.join(modes)}"
+            )
     return problems
+
+
+def evaluated_modes(spec: EmbeddingFinetuneSpec) -> list[str]:
+    """The scoring modes the evaluation reports for the model trained: its dense vector, bge-m3's
+    other outputs, and each Matryoshka dimension."""
+    unified = ["sparse", "colbert", "hybrid"] if spec.model.unified else []
+    return ["dense", *unified, *(dimension_mode(d) for d in spec.training.matryoshka_dims)]
 
 
 def metadata_problems(manifest: dict[str, Any]) -> list[str]:

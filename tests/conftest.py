@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.tiny import build_tiny_bert
+from support.tiny import build_tiny_bert, build_tiny_xlm_roberta
 
 # Dummy credentials for the local S3 server; set before any boto3 client exists.
 S3_ENV = {
@@ -74,3 +74,9 @@ def s3_user(s3_endpoint):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_xlm_roberta(tmp_path_factory) -> Path:
+    """bge-m3's architecture, tiny, with a tokenizer trained in the test."""
+    return build_tiny_xlm_roberta(tmp_path_factory.mktemp("tiny-xlm-roberta"))

@@ -40,6 +40,9 @@ class CamelModel(BaseModel):
 
 
 Pooling = Literal["cls", "mean", "lastToken"]
+Output = Literal["dense", "sparse", "colbert"]
+# FlagEmbedding trains either the dense vector alone or bge-m3's three outputs together
+_OUTPUT_SETS = ({"dense"}, {"dense", "sparse", "colbert"})
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
@@ -57,6 +60,27 @@ class ModelSpec(CamelModel):
     query_max_length: int = Field(64, ge=1, le=8192, description="Query length limit in tokens.")
     passage_max_length: int = Field(256, ge=1, le=8192, description="Passage length limit in tokens.")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    outputs: list[Output] = Field(
+        default_factory=lambda: ["dense"],
+        description="What the model is trained to produce: [dense] (one vector per text), or "
+        "[dense, sparse, colbert] for bge-m3's unified fine-tuning (also token weights and per-token "
+        "vectors; heads colbert_linear.pt and sparse_linear.pt, created when the base model lacks them).",
+    )
+    colbert_dim: int | None = Field(
+        None, ge=1, description="Width of a new ColBERT head; the hidden size when unset (bge-m3's own head is kept)."
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _trainable_outputs(cls, outputs: list[str]) -> list[str]:
+        if set(outputs) not in _OUTPUT_SETS or len(outputs) != len(set(outputs)):
+            raise ValueError("must be [dense] or [dense, sparse, colbert] (bge-m3's unified fine-tuning)")
+        return outputs
+
+    @property
+    def unified(self) -> bool:
+        """Whether sparse and ColBERT outputs are trained beside the dense one (bge-m3)."""
+        return "colbert" in self.outputs
 
     @property
     def flagembedding_pooling(self) -> str:
@@ -162,6 +186,18 @@ def _non_finite_paths(value: Any, path: str = "") -> Iterator[str]:
             yield from _non_finite_paths(item, f"{path}.{index}" if path else str(index))
 
 
+class UnifiedFinetuningSpec(CamelModel):
+    """bge-m3's unified fine-tuning: the dense, sparse and ColBERT scores and their weighted sum
+    (dense + 0.3 sparse + ColBERT) are each trained contrastively; with self-distillation each
+    output also learns the sum's ranking."""
+
+    self_distill: bool = Field(True, description="Distill the summed score into each output (bge-m3's recipe).")
+    self_distill_start_step: int = Field(
+        0, ge=0, description="Self-distillation starts after this many micro-batches (0: from the start)."
+    )
+    freeze_encoder: bool = Field(False, description="Train only the sparse and ColBERT heads; the encoder stays fixed.")
+
+
 class TrainingSpec(CamelModel):
     """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
     other passage of the batch (of all ranks, with negativesCrossDevice)."""
@@ -192,6 +228,9 @@ class TrainingSpec(CamelModel):
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
+    unified: UnifiedFinetuningSpec | None = Field(
+        None, description="bge-m3's unified fine-tuning settings (when model.outputs adds sparse and colbert)."
+    )
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -199,6 +238,19 @@ class TrainingSpec(CamelModel):
         if any(d < 1 for d in dims):
             raise ValueError("every dimension must be >= 1")
         return dims
+
+
+def model_training_problems(model: ModelSpec, training: TrainingSpec) -> list[str]:
+    """Rules between the model and training sections, each as `path: reason`."""
+    problems = []
+    if model.unified and training.matryoshka_dims:
+        problems.append(
+            "training.matryoshkaDims: FlagEmbedding's bge-m3 runner does not train Matryoshka dimensions; "
+            "remove them or train model.outputs [dense]"
+        )
+    if training.unified is not None and not model.unified:
+        problems.append("training.unified: needs model.outputs [dense, sparse, colbert]")
+    return problems
 
 
 class CheckpointSpec(CamelModel):

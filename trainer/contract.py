@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from .config import (
     CamelModel,
@@ -35,6 +35,7 @@ from .config import (
     StorageAccess,
     StorageSpec,
     TrainingSpec,
+    model_training_problems,
     problems_from_validation_error,
 )
 from .errors import InputError, StorageUnavailable
@@ -93,6 +94,12 @@ class TrainerConfig(CamelModel):
     work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")
     progress_interval_seconds: float = Field(5.0, gt=0, description="Minimum time between progress reports.")
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> TrainerConfig:
+        if problems := model_training_problems(self.model, self.training):
+            raise ValueError("; ".join(problems))
+        return self
+
 
 def all_optional(model: type[CamelModel], name: str, exclude: set[str]) -> type[CamelModel]:
     """`model`'s fields, each optional and unset by default: the settings given explicitly,
@@ -111,6 +118,23 @@ EncodingSettings = all_optional(ModelSpec, "EncodingSettings", exclude={"base"})
 
 IndexKind = Literal["exact", "ivf", "hnsw"]
 EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]
+# How a bge-m3 model scores besides its dense vector: sparse token weights (exact search over
+# the corpus), ColBERT token vectors and the weighted hybrid (both re-rank the dense top
+# `rerankDepth`, as bge-m3 recommends)
+M3Mode = Literal["sparse", "colbert", "hybrid"]
+
+
+def dimension_mode(dimension: int) -> str:
+    """The name of the dense vector cut to its leading `dimension` values (Matryoshka)."""
+    return f"dense-{dimension}"
+
+
+class HybridWeights(CamelModel):
+    """Weights of the hybrid score; bge-m3's authors recommend 0.4 / 0.2 / 0.4."""
+
+    dense: float = Field(0.4, ge=0)
+    sparse: float = Field(0.2, ge=0)
+    colbert: float = Field(0.4, ge=0)
 
 
 class EvaluationConfig(CamelModel):
@@ -125,6 +149,14 @@ class EvaluationConfig(CamelModel):
     index: IndexKind = "exact"
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
     precision: EncodePrecision = Field("auto", description="auto: bf16 (or fp16) on a GPU, fp32 on CPU.")
+    modes: list[M3Mode] = Field(
+        default_factory=list, description="bge-m3 scoring modes evaluated besides dense (the model needs its heads)."
+    )
+    dimensions: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="Also evaluate the dense vector cut to each of these leading dimensions."
+    )
+    hybrid_weights: HybridWeights = Field(default_factory=HybridWeights)
+    rerank_depth: int = Field(100, ge=1, description="Dense candidates per query that colbert and hybrid re-rank.")
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
     storage: StorageAccess = Field(default_factory=StorageAccess)
     run: RunIdentity | None = Field(None, description="The resource whose status.metrics to patch, if any.")
@@ -208,12 +240,19 @@ class ProgressFile(CamelModel):
 Metrics = dict[str, float]  # "ndcg@10" -> value
 
 
-class StatusMetrics(CamelModel):
-    """status.metrics: each model's metric@k, and fine-tuned minus baseline."""
+class ModeMetrics(CamelModel):
+    """Each model's metric@k in one scoring mode, and fine-tuned minus baseline."""
 
     baseline: Metrics | None = None
     finetuned: Metrics
     delta: Metrics | None = None
+
+
+class StatusMetrics(ModeMetrics):
+    """status.metrics: each model's metric@k with its dense vector, and in `modes` with every
+    other way it was scored (sparse, colbert, hybrid; dense-DIM for Matryoshka dimensions)."""
+
+    modes: dict[str, ModeMetrics] | None = None
 
 
 class MetricsReport(StatusMetrics):

@@ -122,3 +122,36 @@ def encode_passages(
                 parts.append(np.asarray(vectors, dtype=np.float32).reshape(len(part_texts), -1))
                 progress.update(len(part_texts))
             yield positions, np.concatenate(parts)
+
+
+def has_m3_heads(path: Path | str) -> bool:
+    """Whether a model folder carries bge-m3's sparse and ColBERT heads."""
+    from .export import M3_HEAD_FILES
+
+    return all((Path(path) / name).is_file() for name in M3_HEAD_FILES)
+
+
+def load_m3_encoder(path: Path | str, spec: ModelSpec, *, precision: EncodePrecision = "auto", field: str = "model"):
+    """FlagEmbedding's BGEM3FlagModel over a model folder with bge-m3's heads, encoding as `spec` says."""
+    import torch
+    from FlagEmbedding import BGEM3FlagModel
+
+    device = _device()
+    dtype = _dtype(precision, device)
+    with loading_model(path, field):
+        # the ColBERT head's width is whatever it was trained with (model.colbertDim)
+        colbert_dim = torch.load(Path(path) / "colbert_linear.pt", map_location="cpu", weights_only=True)["weight"]
+        return BGEM3FlagModel(
+            str(path),
+            pooling_method=spec.flagembedding_pooling,
+            normalize_embeddings=spec.normalize,
+            use_fp16=dtype == torch.float16,
+            use_bf16=dtype == torch.bfloat16,
+            query_instruction_for_retrieval=spec.query_instruction,
+            passage_instruction_for_retrieval=spec.passage_instruction,
+            query_max_length=spec.query_max_length,
+            passage_max_length=spec.passage_max_length,
+            colbert_dim=colbert_dim.shape[0],
+            devices=device,
+            trust_remote_code=spec.trust_remote_code,
+        )

@@ -17,10 +17,21 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .config import StorageAccess
-from .contract import EvaluationConfig, IndexKind, Metrics, MetricsReport
+from .contract import (
+    EvaluationConfig,
+    HybridWeights,
+    IndexKind,
+    M3Mode,
+    Metrics,
+    MetricsReport,
+    ModeMetrics,
+    dimension_mode,
+)
 from .data import EvalSet
-from .encoding import encode_passages, encode_queries, load_encoder
+from .encoding import encode_passages, encode_queries, has_m3_heads, load_encoder, load_m3_encoder, model_settings
 from .evalset import judgments, load_eval_set, passage_text
 from .metrics import metric_keys, retrieval_metrics
 from .search import NO_RESULT, search
@@ -37,13 +48,44 @@ def evaluate_model(
     index: IndexKind = "exact",
     batch_size: int = 64,
     chunk_size: int = 16384,
-) -> Metrics:
-    """Every metric of one loaded model on the evaluation set."""
+    dimensions: Sequence[int] = (),
+    m3=None,
+    modes: Sequence[M3Mode] = (),
+    hybrid_weights: HybridWeights | None = None,
+    rerank_depth: int = 100,
+) -> dict[str, Metrics]:
+    """Every metric of one loaded model on the evaluation set, by scoring mode: "dense", each
+    Matryoshka `dimensions` ("dense-DIM"), and with the model's BGEM3FlagModel `m3` each of `modes`."""
     queries = encode_queries(model, [query["text"] for query in eval_set.queries], batch_size=batch_size)
-    passages = encode_passages(
+    chunks = encode_passages(
         model, [passage_text(passage) for passage in eval_set.corpus], batch_size=batch_size, chunk_size=chunk_size
     )
-    _, positions = search(queries, passages, max(ks), index)
+    if dimensions:  # searched once per dimension
+        chunks = list(chunks)
+    depth = max(max(ks), rerank_depth) if m3 is not None and modes else max(ks)
+    scores, positions = search(queries, chunks, depth, index)
+    results = {"dense": _metrics(positions[:, : max(ks)], eval_set, ks)}
+    normalize = any(type(module).__name__ == "Normalize" for module in model)
+    for dimension in dimensions:
+        cut = ((p, _leading(vectors, dimension, normalize)) for p, vectors in chunks)
+        _, found = search(_leading(queries, dimension, normalize), cut, max(ks), index)
+        results[dimension_mode(dimension)] = _metrics(found, eval_set, ks)
+    if m3 is not None and modes:
+        weights = hybrid_weights or HybridWeights()
+        rankings = m3_rankings(m3, eval_set, modes, scores, positions, max(ks), weights, batch_size=batch_size)
+        results |= {mode: _metrics(found, eval_set, ks) for mode, found in rankings.items()}
+    return results
+
+
+def _leading(vectors: np.ndarray, dimension: int, normalize: bool) -> np.ndarray:
+    """The first `dimension` values of each vector, re-normalized when the model normalizes."""
+    cut = np.ascontiguousarray(vectors[:, :dimension])
+    if normalize:
+        cut /= np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+    return cut
+
+
+def _metrics(positions: np.ndarray, eval_set: EvalSet, ks: Sequence[int]) -> Metrics:
     doc_ids = [passage["id"] for passage in eval_set.corpus]
     rankings = {
         query["id"]: [doc_ids[p] for p in row if p != NO_RESULT] for query, row in zip(eval_set.queries, positions)
@@ -51,30 +93,113 @@ def evaluate_model(
     return retrieval_metrics(rankings, judgments(eval_set), ks)
 
 
-def metrics_report(finetuned: Metrics, baseline: Metrics | None, eval_set: EvalSet) -> MetricsReport:
-    """`baseline` and `delta` are unset without a baseline."""
-    delta = {key: finetuned[key] - baseline[key] for key in finetuned} if baseline is not None else None
+def m3_rankings(
+    m3,
+    eval_set: EvalSet,
+    modes: Sequence[M3Mode],
+    dense_scores: np.ndarray,
+    dense_positions: np.ndarray,
+    k: int,
+    weights: HybridWeights,
+    *,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Corpus positions of the top k of every query by each bge-m3 mode: sparse searches the whole
+    corpus (exact, by token-weight overlap); colbert and hybrid re-rank the dense candidates."""
+    passages = [passage_text(passage) for passage in eval_set.corpus]
+    queries = m3.encode_queries(
+        [query["text"] for query in eval_set.queries],
+        batch_size=batch_size,
+        return_dense=False,
+        return_sparse=True,
+        return_colbert_vecs=bool({"colbert", "hybrid"} & set(modes)),
+    )
+    corpus = m3.encode_corpus(passages, batch_size=batch_size, return_dense=False, return_sparse=True)
+    width = 1 + max((int(t) for w in [*queries["lexical_weights"], *corpus["lexical_weights"]] for t in w), default=0)
+    sparse = _lexical_matrix(queries["lexical_weights"], width) @ _lexical_matrix(corpus["lexical_weights"], width).T
+    sparse = sparse.toarray()
+    results = {}
+    if "sparse" in modes:
+        # a passage sharing no weighted token with the query is not retrieved
+        results["sparse"] = _top(np.where(sparse > 0, sparse, -np.inf), k)
+    if {"colbert", "hybrid"} & set(modes):
+        candidates = np.where(dense_positions >= 0, dense_positions, 0)
+        wanted = np.unique(dense_positions[dense_positions >= 0])
+        vectors = dict(
+            zip(
+                wanted.tolist(),
+                m3.encode_corpus(
+                    [passages[p] for p in wanted], batch_size=batch_size, return_dense=False, return_colbert_vecs=True
+                )["colbert_vecs"],
+            )
+        )
+        colbert = np.array(
+            [
+                [float(m3.colbert_score(query, vectors[p])) if p in vectors else 0.0 for p in row]
+                for query, row in zip(queries["colbert_vecs"], candidates.tolist())
+            ]
+        )
+        missing = dense_positions < 0
+        for mode, combined in (
+            ("colbert", colbert),
+            (
+                "hybrid",
+                weights.dense * dense_scores
+                + weights.sparse * np.take_along_axis(sparse, candidates, axis=1)
+                + weights.colbert * colbert,
+            ),
+        ):
+            if mode in modes:
+                results[mode] = _top(np.where(missing, -np.inf, combined), k, candidates)
+    return results
+
+
+def _lexical_matrix(weights: list[dict], width: int):
+    """Token weights ({token id: weight} per text) as a sparse matrix, one row per text."""
+    from scipy.sparse import csr_matrix
+
+    rows = [i for i, w in enumerate(weights) for _ in w]
+    columns = [int(t) for w in weights for t in w]
+    values = [float(v) for w in weights for v in w.values()]
+    return csr_matrix((values, (rows, columns)), shape=(len(weights), width), dtype=np.float32)
+
+
+def _top(scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """The labels (default: column indices) of the k best scores of every row, best first, ties
+    by label; a -inf score is no result (NO_RESULT)."""
+    labels = np.broadcast_to(np.arange(scores.shape[1]), scores.shape) if labels is None else labels
+    order = np.lexsort((labels, -scores), axis=1)[:, :k]
+    found = np.take_along_axis(labels, order, axis=1)
+    return np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), found, NO_RESULT)
+
+
+def metrics_report(
+    finetuned: dict[str, Metrics], baseline: dict[str, Metrics] | None, eval_set: EvalSet
+) -> MetricsReport:
+    """Dense at the top level, every other mode in `modes`; `baseline` and `delta` are unset
+    without a baseline (and for a mode the baseline could not be scored in)."""
+    sets = {}
+    for mode, scores in finetuned.items():
+        base = (baseline or {}).get(mode)
+        delta = {key: scores[key] - base[key] for key in scores} if base is not None else None
+        sets[mode] = ModeMetrics(baseline=base, finetuned=scores, delta=delta)
+    dense = sets.pop("dense")
     return MetricsReport(
-        baseline=baseline,
-        finetuned=finetuned,
-        delta=delta,
-        queries=len(eval_set.queries),
-        corpus=len(eval_set.corpus),
+        **dense.model_dump(), modes=sets or None, queries=len(eval_set.queries), corpus=len(eval_set.corpus)
     )
 
 
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
-    columns = ["baseline", "finetuned", "delta"] if report.baseline is not None else ["finetuned"]
-    lines = [
-        f"{report.queries} queries, {report.corpus} passages",
-        f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns),
-    ]
-    for key in metric_keys(ks):
-        cells = "".join(
-            f"{getattr(report, name)[key]:>+12.4f}" if name == "delta" else f"{getattr(report, name)[key]:>12.4f}"
-            for name in columns
-        )
-        lines.append(f"{key:<14}{cells}")
+    lines = [f"{report.queries} queries, {report.corpus} passages"]
+    for mode, scores in [("dense", report), *(report.modes or {}).items()]:
+        columns = ["baseline", "finetuned", "delta"] if scores.baseline is not None else ["finetuned"]
+        lines.append(f"{mode:<14}" + "".join(f"{name:>12}" for name in columns))
+        for key in metric_keys(ks):
+            cells = "".join(
+                f"{getattr(scores, name)[key]:>+12.4f}" if name == "delta" else f"{getattr(scores, name)[key]:>12.4f}"
+                for name in columns
+            )
+            lines.append(f"  {key:<12}{cells}")
     return "\n".join(lines)
 
 
@@ -96,12 +221,22 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
             len(eval_set.corpus),
             len(eval_set.qrels),
         )
-        scores: dict[str, Metrics] = {}
+        scores: dict[str, dict[str, Metrics]] = {}
         for role, uri in (("baseline", config.baseline), ("finetuned", config.model)):
             if uri is None:
                 continue
             path = fetch_to_local(uri, Path(work) / role, config.storage)
             encoder = load_encoder(path, overrides, precision=config.precision)
+            m3 = None
+            if config.modes and has_m3_heads(path):
+                m3 = load_m3_encoder(path, model_settings(encoder, str(path)), precision=config.precision)
+            elif config.modes:
+                logger.warning(
+                    "%s model %s has no sparse and ColBERT heads (colbert_linear.pt, sparse_linear.pt): "
+                    "it is scored with its dense vector only",
+                    role,
+                    uri,
+                )
             logger.info("evaluating %s model %s", role, uri)
             scores[role] = evaluate_model(
                 encoder,
@@ -110,8 +245,13 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
                 index=config.index,
                 batch_size=config.batch_size,
                 chunk_size=chunk_size,
+                dimensions=config.dimensions,
+                m3=m3,
+                modes=config.modes,
+                hybrid_weights=config.hybrid_weights,
+                rerank_depth=config.rerank_depth,
             )
-            del encoder
+            del encoder, m3
             gc.collect()  # one model in memory at a time
     return metrics_report(scores["finetuned"], scores.get("baseline"), eval_set)
 

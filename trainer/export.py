@@ -6,6 +6,7 @@ and loaders then default to mean pooling)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .config import ModelSpec
@@ -17,11 +18,18 @@ TRAINING_RECORD = "embedtune.json"
 
 _ST_POOLING = {"cls": "cls", "mean": "mean", "lastToken": "lasttoken"}
 
+# bge-m3's sparse and ColBERT heads, next to the encoder: FlagEmbedding's BGEM3FlagModel loads
+# them from the model folder (sentence-transformers ignores them and encodes the dense vector)
+M3_HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+
 
 def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *, extra: dict | None = None) -> Path:
     model = build_sentence_transformer(hf_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir))
+    if spec.unified:
+        for name in M3_HEAD_FILES:
+            shutil.copyfile(hf_dir / name, out_dir / name)
     card = {"model": spec.to_dict()} | (extra or {})
     (out_dir / TRAINING_RECORD).write_text(json.dumps(card, indent=2))
     return out_dir

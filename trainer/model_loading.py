@@ -67,13 +67,22 @@ def check_tokenizer(tokenizer) -> None:
         )
 
 
-def load_tokenizer_and_encoder(name: str, field: str = "model.base", *, trust_remote_code: bool = False):
-    """A Hugging Face tokenizer and encoder, or an InputError naming what is wrong with them."""
-    from transformers import AutoModel, AutoTokenizer
+def load_tokenizer(name: str, field: str = "model.base", *, trust_remote_code: bool = False):
+    """A Hugging Face tokenizer that knows words, or an InputError naming what is wrong with it."""
+    from transformers import AutoTokenizer
 
     with loading_model(name, field):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         check_tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_tokenizer_and_encoder(name: str, field: str = "model.base", *, trust_remote_code: bool = False):
+    """A Hugging Face tokenizer and encoder, or an InputError naming what is wrong with them."""
+    from transformers import AutoModel
+
+    tokenizer = load_tokenizer(name, field, trust_remote_code=trust_remote_code)
+    with loading_model(name, field):
         encoder = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
     return tokenizer, encoder
 

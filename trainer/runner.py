@@ -45,15 +45,24 @@ from .progress import ThrottledReporter, progress_from_log
 logger = logging.getLogger(__name__)
 
 
-class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
+class ScoreShapeMixin:
+    """Records the shape of the first training score matrix, so the log states how many
+    passages each query was scored against (proof that cross-device negatives are on)."""
+
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
 
-    def compute_score(self, q_reps, p_reps):
-        scores = super().compute_score(q_reps, p_reps)
+    def compute_score(self, q_reps, p_reps, *args, **kwargs):
+        return self.record_scores_shape(super().compute_score(q_reps, p_reps, *args, **kwargs))
+
+    def record_scores_shape(self, scores: torch.Tensor) -> torch.Tensor:
         if self.training and self.first_scores_shape is None:
             self.first_scores_shape = (scores.size(0), scores.size(1))
         return scores
+
+
+class EmbedtuneEmbedderModel(ScoreShapeMixin, BiEncoderOnlyEmbedderModel):
+    """FlagEmbedding's dense bi-encoder, logging its score shape."""
 
 
 class ProcessedCounter:
@@ -90,7 +99,10 @@ class ProcessedCounter:
         return {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
 
 
-class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
+class EmbedtuneTrainerMixin:
+    """What every runner family's trainer adds to FlagEmbedding's: counting, saving on the
+    right process, resuming into the inner encoder."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.processed = ProcessedCounter(self.args.device)
@@ -124,6 +136,10 @@ class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
         logger.info("resumed encoder weights from %s", resume_from_checkpoint)
 
 
+class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):
+    """FlagEmbedding's encoder-only trainer with embedtune's saving, resuming and counting."""
+
+
 def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
     """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match."""
     if (checkpoint / SAFE_WEIGHTS_INDEX_NAME).exists() or (checkpoint / WEIGHTS_INDEX_NAME).exists():
@@ -145,10 +161,41 @@ def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
         )
 
 
-class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
+class EmbedtuneRunnerMixin:
+    """A runner family's runner: builds `trainer_class` with our callbacks, warns about a batch
+    larger than the data."""
+
+    trainer_class: type = EmbedtuneTrainer
+
     def __init__(self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback]):
         self.callbacks = callbacks
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
+
+    def load_trainer(self):
+        args, records = self.training_args, len(self.train_dataset)
+        if args.should_log and samples_per_step(args) > records:
+            logger.warning(
+                "training.batchSizePerDevice %d: a step would take %d queries (%d process(es), %d accumulation "
+                "step(s)) but the training data has %d records, so every step trains on all of them, in a smaller "
+                "batch than configured",
+                args.per_device_train_batch_size,
+                samples_per_step(args),
+                args.world_size,
+                args.gradient_accumulation_steps,
+                records,
+            )
+        return self.trainer_class(
+            model=self.model,
+            args=self.training_args,
+            train_dataset=self.train_dataset,
+            data_collator=self.data_collator,
+            processing_class=self.tokenizer,
+            callbacks=self.callbacks,
+        )
+
+
+class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
+    """FlagEmbedding's encoder-only (dense) runner."""
 
     def load_tokenizer_and_model(self):
         tokenizer, encoder = load_tokenizer_and_encoder(
@@ -171,27 +218,10 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             model.enable_input_require_grads()
         return tokenizer, model
 
-    def load_trainer(self) -> EmbedtuneTrainer:
-        args, records = self.training_args, len(self.train_dataset)
-        if args.should_log and samples_per_step(args) > records:
-            logger.warning(
-                "training.batchSizePerDevice %d: a step would take %d queries (%d process(es), %d accumulation "
-                "step(s)) but the training data has %d records, so every step trains on all of them, in a smaller "
-                "batch than configured",
-                args.per_device_train_batch_size,
-                samples_per_step(args),
-                args.world_size,
-                args.gradient_accumulation_steps,
-                records,
-            )
-        return EmbedtuneTrainer(
-            model=self.model,
-            args=self.training_args,
-            train_dataset=self.train_dataset,
-            data_collator=self.data_collator,
-            processing_class=self.tokenizer,
-            callbacks=self.callbacks,
-        )
+
+def runner_family(config: TrainerConfig) -> str:
+    """Which FlagEmbedding runner trains this config: "encoder" (dense), "m3" (dense + sparse + ColBERT)."""
+    return "m3" if config.model.unified else "encoder"
 
 
 def deepspeed_config(config: TrainerConfig) -> dict | None:
@@ -221,10 +251,19 @@ def deepspeed_config(config: TrainerConfig) -> dict | None:
     }
 
 
-def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train_file: Path):
-    """FlagEmbedding's model and data arguments; the data must exist (they check)."""
+def build_model_and_data_arguments(
+    config: TrainerConfig,
+    model_path: str,
+    train_file: Path,
+    arguments_class: type[EncoderOnlyEmbedderModelArguments] = EncoderOnlyEmbedderModelArguments,
+    **family_arguments,
+):
+    """FlagEmbedding's model arguments (`arguments_class`, with a runner family's own
+    `family_arguments`) and data arguments; the data must exist (they check)."""
     t, m = config.training, config.model
-    model_args = EncoderOnlyEmbedderModelArguments(model_name_or_path=model_path, trust_remote_code=m.trust_remote_code)
+    model_args = arguments_class(
+        model_name_or_path=model_path, trust_remote_code=m.trust_remote_code, **family_arguments
+    )
     data_args = EncoderOnlyEmbedderDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
@@ -236,8 +275,14 @@ def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train
     return model_args, data_args
 
 
-def build_training_arguments(config: TrainerConfig, output_dir: Path) -> EncoderOnlyEmbedderTrainingArguments:
-    """FlagEmbedding's training arguments; creating them joins the process group."""
+def build_training_arguments(
+    config: TrainerConfig,
+    output_dir: Path,
+    arguments_class: type[EncoderOnlyEmbedderTrainingArguments] = EncoderOnlyEmbedderTrainingArguments,
+    **family_arguments,
+) -> EncoderOnlyEmbedderTrainingArguments:
+    """FlagEmbedding's training arguments (`arguments_class`, with a runner family's own
+    `family_arguments`); creating them joins the process group."""
     t, m = config.training, config.model
     on_cpu = not torch.cuda.is_available()
     precision = t.precision
@@ -245,7 +290,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         logger.warning("training.precision %s: no GPU here, training in fp32", precision)
         precision = "fp32"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return EncoderOnlyEmbedderTrainingArguments(
+    return arguments_class(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -280,6 +325,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         dataloader_num_workers=0,
         log_level="info",
         log_level_replica="warning",
+        **family_arguments,
     )
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,6 @@ def broadcast_from_rank0(value):
 def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None) -> TrainResult:
     from .checkpoints import CheckpointStore, is_published, publish_dir
     from .data import prepare_training_data
-    from .runner import build_training_arguments
 
     rank, local_rank, _, _ = _rank()
     work = Path(config.work_dir)
@@ -94,7 +94,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     layout = RunLayout(config.run.namespace, config.run.name, config.run.run_id)
     store = CheckpointStore(storage, layout)
 
-    training_args = build_training_arguments(config, output_dir)
+    training_args = _family(config).build_training_arguments(config, output_dir)
     _ = training_args.device  # joins the process group (gloo on CPU) before the collectives below
 
     _claim_run_storage(storage, layout, config.run.spec_fingerprint, write=rank == 0)
@@ -154,6 +154,27 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     return TrainResult(model_uri, eval_uri, final_step)
 
 
+@dataclass(frozen=True)
+class RunnerFamily:
+    """What train() takes from a runner family: its runner and its argument builders."""
+
+    runner: type
+    build_model_and_data_arguments: Callable
+    build_training_arguments: Callable
+
+
+def _family(config: TrainerConfig) -> RunnerFamily:
+    from .runner import runner_family
+
+    if runner_family(config) == "m3":
+        from .m3 import EmbedtuneM3Runner, build_m3_model_and_data_arguments, build_m3_training_arguments
+
+        return RunnerFamily(EmbedtuneM3Runner, build_m3_model_and_data_arguments, build_m3_training_arguments)
+    from .runner import EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments
+
+    return RunnerFamily(EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments)
+
+
 def _claim_run_storage(storage, layout: RunLayout, spec_fingerprint: str | None, *, write: bool) -> None:
     """A run's storage belongs to the spec that started it: checkpoints or a model stored there
     for another spec are never resumed from or reported."""
@@ -200,13 +221,7 @@ def _run_training(
 ) -> tuple[int, float | None]:
     from .checkpoints import CheckpointUploader
     from .divergence import DivergenceGuard
-    from .runner import (
-        CheckpointCallback,
-        EmbedtuneRunner,
-        ProgressCallback,
-        StopOnSignal,
-        build_model_and_data_arguments,
-    )
+    from .runner import CheckpointCallback, ProgressCallback, StopOnSignal
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
@@ -224,11 +239,12 @@ def _run_training(
             stored_step=resumed[0] if resumed else None,
             on_complete=reporter.checkpoint_stored if rank == 0 else None,
         )
-    model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
+    family = _family(config)
+    model_args, data_args = family.build_model_and_data_arguments(config, model_path, train_file)
     stop = StopOnSignal()
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
+    runner = family.runner(model_args, data_args, training_args, callbacks=callbacks)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         try:

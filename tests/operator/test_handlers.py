@@ -230,6 +230,24 @@ async def test_quality_gate_not_met_fails_the_run(cluster, operator):
     assert gate["status"] == "False" and "+0.1100" in gate["message"]
 
 
+async def test_the_quality_gate_reads_the_mode_it_names(cluster, operator):
+    await cluster.apply(
+        minimal_manifest(
+            "hybrid",
+            model={"base": "BAAI/bge-m3", "outputs": ["dense", "sparse", "colbert"]},
+            evaluation={"gate": {"metric": "ndcg@10", "minImprovement": 0.2, "mode": "hybrid"}},
+        )
+    )
+    await train_to_success(cluster, "hybrid-train-1-1")
+    await cluster.eventually(lambda: cluster.get(JOBS, "hybrid-eval-1-1"), what="evaluation job")
+    hybrid = {"baseline": {"ndcg@10": 0.4}, "finetuned": {"ndcg@10": 0.65}, "delta": {"ndcg@10": 0.25}}
+    await cluster.patch_status(FINETUNES, "hybrid", {"metrics": METRICS | {"modes": {"hybrid": hybrid}}})
+    await cluster.job_succeeded("hybrid-eval-1-1")
+    status = await cluster.phase_becomes("hybrid", "Succeeded")  # dense improved by only 0.11
+    gate = next(c for c in status["conditions"] if c["type"] == "QualityGate")
+    assert gate["status"] == "True" and "hybrid ndcg@10 improved by +0.2500" in gate["message"]
+
+
 async def test_evaluation_input_error_fails_the_run(cluster, operator):
     await cluster.apply(minimal_manifest("noeval"))
     await train_to_success(cluster, "noeval-train-1-1")

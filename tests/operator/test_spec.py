@@ -52,6 +52,32 @@ def test_each_problem_names_its_field(section, value, problem):
     assert any(line.startswith(problem) for line in problems), problems
 
 
+UNIFIED = {"base": "BAAI/bge-m3", "outputs": ["dense", "sparse", "colbert"]}
+
+
+@pytest.mark.parametrize(
+    ("sections", "problem"),
+    [
+        ({"evaluation": {"gate": {"mode": "hybrid"}}}, "spec.evaluation.gate.mode: 'hybrid' is not evaluated"),
+        ({"training": {"unified": {"selfDistill": False}}}, "spec.training.unified: needs model.outputs"),
+        ({"model": UNIFIED, "training": {"matryoshkaDims": [64]}}, "spec.training.matryoshkaDims: FlagEmbedding's"),
+        ({"model": UNIFIED | {"outputs": ["dense", "sparse"]}}, "spec.model.outputs: must be [dense] or"),
+        (
+            {"training": {"matryoshkaDims": [64]}, "evaluation": {"gate": {"mode": "dense-32"}}},
+            "spec.evaluation.gate.mode: 'dense-32' is not evaluated for this model; one of dense, dense-64",
+        ),
+    ],
+)
+def test_outputs_modes_and_the_gate_agree(sections, problem):
+    problems = problems_of(minimal_manifest(**sections))
+    assert any(line.startswith(problem) for line in problems), problems
+
+
+def test_a_gate_may_read_each_evaluated_mode():
+    parse_finetune(minimal_manifest(model=UNIFIED, evaluation={"gate": {"mode": "hybrid"}}))
+    parse_finetune(minimal_manifest(training={"matryoshkaDims": [64]}, evaluation={"gate": {"mode": "dense-64"}}))
+
+
 def test_every_problem_is_listed_at_once():
     manifest = minimal_manifest(
         name="Not_A_DNS_Name",

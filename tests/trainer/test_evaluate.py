@@ -52,7 +52,7 @@ def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path):
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
     ks = (1, 3, 10)
-    ours = evaluate_model(model, eval_set, ks, chunk_size=7)
+    ours = evaluate_model(model, eval_set, ks, chunk_size=7)["dense"]
     # by hand: the instruction prefixed as text, the model's plain encode, numpy ranking
     queries = model.encode(["what: " + q["text"] for q in eval_set.queries], task="query")
     passages = model.encode(["doc: " + passage_text(p) for p in eval_set.corpus], task="document")
@@ -144,7 +144,9 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
         "embeddingfinetunes",
         "finance",
     )
-    assert body == {"status": {"metrics": {"baseline": None, "finetuned": report["finetuned"], "delta": None}}}
+    assert body == {
+        "status": {"metrics": {"baseline": None, "finetuned": report["finetuned"], "delta": None, "modes": None}}
+    }
 
 
 def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
@@ -183,6 +185,29 @@ def test_half_precision_encodes_close_to_fp32(exported):
 def test_approximate_index_on_a_small_corpus_matches_exact(exported, eval_dir, tmp_path, index):
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
-    exact = evaluate_model(model, eval_set, (1, 10))
+    exact = evaluate_model(model, eval_set, (1, 10))["dense"]
     # 60 passages: one IVF list, and an HNSW search wider than the graph; both see everything
-    assert evaluate_model(model, eval_set, (1, 10), index=index) == pytest.approx(exact)
+    assert evaluate_model(model, eval_set, (1, 10), index=index)["dense"] == pytest.approx(exact)
+
+
+def test_matryoshka_dimensions_are_each_a_column_set(exported, eval_dir, tmp_path):
+    from embedtune.trainer.evaluate import format_table, metrics_report
+
+    eval_set = load_eval_set(str(eval_dir), tmp_path)
+    model = load_encoder(exported)
+    ks = (1, 10)
+    scores = evaluate_model(model, eval_set, ks, dimensions=[32, 4])
+    assert list(scores) == ["dense", "dense-32", "dense-4"]
+    assert scores["dense-32"] == pytest.approx(scores["dense"])  # the whole vector
+    assert scores["dense-4"] != pytest.approx(scores["dense"])
+    # by hand: the first 4 values, re-normalized, ranked with numpy
+    queries = model.encode(["what: " + q["text"] for q in eval_set.queries], task="query")[:, :4]
+    passages = model.encode(["doc: " + passage_text(p) for p in eval_set.corpus], task="document")[:, :4]
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    passages /= np.linalg.norm(passages, axis=1, keepdims=True)
+    assert scores["dense-4"] == pytest.approx(reference_metrics(queries, passages, eval_set, ks), abs=1e-6)
+
+    report = metrics_report(scores, scores, eval_set)
+    assert report.finetuned == scores["dense"] and set(report.modes) == {"dense-32", "dense-4"}
+    assert report.modes["dense-4"].delta["ndcg@10"] == 0.0
+    assert "dense-4" in format_table(report, ks)

@@ -19,7 +19,7 @@ from embedtune.trainer.config import StorageAccess
 from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
 from embedtune.trainer.storage import open_storage
 from support.processes import wait_for_training_step
-from support.tiny import synthetic_records, write_jsonl
+from support.tiny import build_tiny_xlm_roberta, synthetic_records, write_jsonl
 
 pytestmark = pytest.mark.slow
 RUN = RunLayout("ml", "tiny", "1")
@@ -143,14 +143,50 @@ def test_two_ranks_score_each_query_against_the_passages_of_both(
 def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(
     tiny_model, tmp_path, s3_bucket, s3_endpoint
 ):
-    steps = {"training": {"maxSteps": 120}, "checkpoint": {"everySteps": 10, "keep": 2}}
-    reference = write_config(tmp_path, tiny_model, str(tmp_path / "reference-store"), work="ref", **steps)
+    kill_and_resume(tmp_path, tiny_model, s3_bucket, s3_endpoint, steps=120, every=10)
+
+
+def test_a_killed_m3_run_resumes_with_its_heads_and_self_distillation_where_it_stopped(
+    tmp_path, s3_bucket, s3_endpoint
+):
+    # Without dropout: the first batch after a resume has the reference's passages but its
+    # negatives in another order (HF restores the RNG only after fetching it), so dropout masks
+    # fall on other passages; BERT's losses stay within the tolerance, these do not.
+    base = build_tiny_xlm_roberta(tmp_path / "xlm-roberta", dropout=0.0)
+    # self-distillation starts after micro-batch 15, past the first checkpoint: a resumed run
+    # whose counter restarted at 0 would train those steps without it
+    kill_and_resume(
+        tmp_path,
+        base,
+        s3_bucket,
+        s3_endpoint,
+        steps=40,
+        every=10,
+        model={"outputs": ["dense", "sparse", "colbert"]},
+        training={"unified": {"selfDistill": True, "selfDistillStartStep": 15}},
+    )
+    stored = open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint))
+    assert stored.exists(f"{RUN.checkpoint_prefix(40)}/colbert_linear.pt")
+    assert stored.exists(f"{RUN.model_prefix}/sparse_linear.pt")
+
+
+def kill_and_resume(
+    tmp_path, base: Path, s3_bucket, s3_endpoint, *, steps: int, every: int, model=None, training=None
+) -> None:
+    """Kill a 2-rank run after its first complete checkpoint; the resumed run must continue an
+    uninterrupted reference run's loss curve step for step."""
+    settings = {
+        "model": model,
+        "training": {"maxSteps": steps} | (training or {}),
+        "checkpoint": {"everySteps": every, "keep": 2},
+    }
+    reference = write_config(tmp_path, base, str(tmp_path / "reference-store"), work="ref", **settings)
     finished = run_trainer(reference)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    expected = losses(open_storage(str(tmp_path / "reference-store")), 120)
-    assert len(expected) == 120
+    expected = losses(open_storage(str(tmp_path / "reference-store")), steps)
+    assert len(expected) == steps
 
-    config = write_config(tmp_path, tiny_model, s3_bucket, s3_endpoint, **steps)
+    config = write_config(tmp_path, base, s3_bucket, s3_endpoint, **settings)
     store = CheckpointStore(open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint)), RUN)
     # a lost pod: the whole process group dies at once, right after its first complete checkpoint
     victim_log = tmp_path / "victim.log"
@@ -162,20 +198,20 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_saved_weights(
     exited = victim.poll()
     kill_process_tree(victim)
     complete = store.complete_steps()
-    assert complete and complete[0] < 120, (
+    assert complete and complete[0] < steps, (
         f"the run should have been killed mid-way (exit {exited}):\n{victim_log.read_text()[-3000:]}"
     )
     # an upload the kill cut short (no marker) must never be resumed from
-    store.storage.write_bytes(f"{RUN.checkpoint_prefix(110)}/model.safetensors", b"half an upload")
+    store.storage.write_bytes(f"{RUN.checkpoint_prefix(steps - every)}/model.safetensors", b"half an upload")
 
     resumed = run_trainer(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint {complete[0]}" in resumed.stderr
-    actual = losses(store.storage, 120)
+    actual = losses(store.storage, steps)
     # the resumed run continues the reference loss curve step for step: same weights, optimizer,
     # scheduler and data position; from the base weights its losses would differ at once
     assert sorted(actual) == sorted(expected)
-    for step in range(complete[0] + 1, 121):
+    for step in range(complete[0] + 1, steps + 1):
         assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
