@@ -25,6 +25,7 @@ from embedtune.trainer.errors import InputError
 from .constants import LABEL_RUN_ID, Condition, Phase, Reason, Role
 from .defaults import ClusterDefaults
 from .failures import FailureKind, classify_failure, job_failed, job_succeeded
+from .memory import plan_memory
 from .render import (
     JobLaunch,
     Run,
@@ -281,7 +282,7 @@ class _Planner:
                 warning=True,
             )
             return False
-        if not self.allowed_by_policy(spec):
+        if not self.allowed_by_policy(spec) or not self.fits_gpu_memory(spec):
             return False
         launch = plan_training(spec, run, attempt, deadline)
         self.plan.launches.append(launch)
@@ -295,6 +296,13 @@ class _Planner:
         if problems:
             self.set_phase(Phase.FAILED, Reason.POLICY_REFUSED, "; ".join(problems), warning=True)
         return not problems
+
+    def fits_gpu_memory(self, spec: EmbeddingFinetuneSpec) -> bool:
+        """A spec that cannot fit its GPUs fails before a Job takes them."""
+        problem = plan_memory(spec).problem()
+        if problem is not None:
+            self.set_phase(Phase.FAILED, Reason.INSUFFICIENT_GPU_MEMORY, problem, warning=True)
+        return problem is None
 
     def remaining_deadline(self, spec: EmbeddingFinetuneSpec) -> int | None:
         limit = spec.run_policy.active_deadline_seconds

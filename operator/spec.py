@@ -74,6 +74,12 @@ class ResourcesSpec(CamelModel):
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
     memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")
     shared_memory: str = Field("16Gi", pattern=_QUANTITY, description="Size of /dev/shm (NCCL, dataloader workers).")
+    gpu_memory: str | None = Field(
+        None,
+        pattern=_QUANTITY,
+        description="Memory of one GPU, e.g. '80Gi'; a spec whose estimated memory per GPU exceeds it is refused. "
+        "Unset: read from the nvidia.com/gpu.product node selector where it names a known GPU.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints the pods tolerate, e.g. GPU nodes'."

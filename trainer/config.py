@@ -43,6 +43,19 @@ Pooling = Literal["cls", "mean", "lastToken"]
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
+class LoraSpec(CamelModel):
+    """Low-rank adapters: only these small matrices train; the base model's weights stay frozen."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Rank r of each adapter (A: in x r, B: r x out).")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the adapter's update is scaled by alpha / rank.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="Names (suffixes) of the linear layers that get adapters; empty: the attention and MLP "
+        "projections of the model's family (q/k/v/o/gate/up/down_proj for decoders, query/key/value/dense for BERT).",
+    )
+
+
 class ModelSpec(CamelModel):
     """The base model and how text becomes a vector; the exported model keeps these settings."""
 
@@ -57,6 +70,7 @@ class ModelSpec(CamelModel):
     query_max_length: int = Field(64, ge=1, le=8192, description="Query length limit in tokens.")
     passage_max_length: int = Field(256, ge=1, le=8192, description="Passage length limit in tokens.")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of every weight.")
 
     @property
     def flagembedding_pooling(self) -> str:
