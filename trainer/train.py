@@ -85,6 +85,7 @@ def broadcast_from_rank0(value):
 def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None) -> TrainResult:
     from .checkpoints import CheckpointStore, is_published, publish_dir
     from .data import prepare_training_data
+    from .model_loading import model_type_of
     from .runner import build_training_arguments
 
     rank, local_rank, _, _ = _rank()
@@ -107,6 +108,8 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         model_path = str(
             fetch_to_local(config.model.base, work / "base-model", config.storage, download=local_rank == 0)
         )
+        # decoder or encoder, and the pooling that follows, from the model's own config.json
+        config = config.model_copy(update={"model": config.model.resolved(model_type_of(model_path))})
         prepared = prepare_training_data(
             config.data,
             config.training.group_size,
@@ -146,6 +149,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
                 config,
                 storage,
                 layout,
+                model_path,
                 output_dir / checkpoint_dir_name(final_step),
                 {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
             )
@@ -206,6 +210,7 @@ def _run_training(
         ProgressCallback,
         StopOnSignal,
         build_model_and_data_arguments,
+        runner_family,
     )
 
     rank, local_rank, node_rank, num_nodes = _rank()
@@ -225,10 +230,15 @@ def _run_training(
             on_complete=reporter.checkpoint_stored if rank == 0 else None,
         )
     model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
+    runner_class = EmbedtuneRunner
+    if runner_family(config) == "decoder":
+        from .decoder import EmbedtuneDecoderRunner, build_decoder_model_arguments
+
+        runner_class, model_args = EmbedtuneDecoderRunner, build_decoder_model_arguments(config, model_path)
     stop = StopOnSignal()
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
+    runner = runner_class(model_args, data_args, training_args, callbacks=callbacks, lora=config.model.lora)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         try:
@@ -256,9 +266,12 @@ def _run_training(
     return state.global_step, (losses[-1] if losses else None)
 
 
-def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_checkpoint: Path, summary: dict) -> str:
+def _publish_model(
+    config: TrainerConfig, storage, layout: RunLayout, model_path: str, final_checkpoint: Path, summary: dict
+) -> str:
     """Export the last checkpoint (HF saves one at the final step) in sentence-transformers
-    layout and store it, completion marker last."""
+    layout and store it, completion marker last. A LoRA checkpoint's adapters are merged into
+    the base model first, and kept beside it."""
     from .checkpoints import publish_dir
     from .divergence import describe_tensors, diverged, non_finite_weights
     from .export import export_sentence_transformers
@@ -270,7 +283,11 @@ def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_chec
         )
     summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
     export_dir = export_sentence_transformers(
-        final_checkpoint, Path(config.work_dir) / "model", config.model, extra={"training": summary}
+        final_checkpoint,
+        Path(config.work_dir) / "model",
+        config.model,
+        extra={"training": summary},
+        base_dir=Path(model_path),
     )
     model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
     logger.info("model stored at %s", model_uri)
