@@ -155,7 +155,7 @@ def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig
         baseline=spec.model.base,
         eval_set=eval_set_uri(spec, run),
         k_values=spec.evaluation.k_values,
-        encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base"})),
+        encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base", "lora"})),
         output=storage_uri(spec, metrics_key(run)),
         storage=spec.storage.access(),
         run=run.identity(),

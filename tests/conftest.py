@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.tiny import build_tiny_bert
+from support.tiny import build_tiny_bert, build_tiny_decoder
 
 # Dummy credentials for the local S3 server; set before any boto3 client exists.
 S3_ENV = {
@@ -74,3 +74,8 @@ def s3_user(s3_endpoint):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))

@@ -107,7 +107,7 @@ def all_optional(model: type[CamelModel], name: str, exclude: set[str]) -> type[
 
 # How a model encodes text (ModelSpec without `base`). A field given here replaces the model's
 # own setting: the evaluation encodes the base model exactly as the fine-tuned one was trained.
-EncodingSettings = all_optional(ModelSpec, "EncodingSettings", exclude={"base"})
+EncodingSettings = all_optional(ModelSpec, "EncodingSettings", exclude={"base", "lora"})
 
 IndexKind = Literal["exact", "ivf", "hnsw"]
 EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]

@@ -13,15 +13,9 @@ from embedtune.trainer.export import export_sentence_transformers
 from embedtune.trainer.lora import add_lora
 from embedtune.trainer.model_loading import load_tokenizer_and_encoder, model_type_of
 from embedtune.trainer.runner import load_encoder_weights
-from support.tiny import build_tiny_decoder
 
 QUERIES = ["what is w1 w2 w3", "what is w10 w200", "about w5"]
 PASSAGES = ["w1 w2 w3 w7 w8 w9", "w10 w11 w200 w12", "w5", "w6 w5 w4 w3 w2 w1 w0 w1 w2 w7 w8 w9 w10 w11"]
-
-
-@pytest.fixture(scope="module")
-def tiny_decoder(tmp_path_factory):
-    return build_tiny_decoder(tmp_path_factory.mktemp("decoder"))
 
 
 def test_family_and_pooling_follow_the_models_config_unless_set(tiny_decoder, tiny_model):
