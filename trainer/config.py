@@ -238,6 +238,52 @@ class TrainingSpec(CamelModel):
         return dims
 
 
+ModelChoice = Literal["finetuned", "merged"]
+
+
+class MergeSpec(CamelModel):
+    """After training, merge the fine-tuned model's weights with other models' (the base by
+    default) to keep general ability: a weighted sum of every weight (LM-Cocktail)."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models merged with the fine-tuned one (same architecture): paths, storage URIs, package:// "
+        "or hub ids; empty: the base model.",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="Fixed weights, the fine-tuned model's first, then one per model; they must sum to 1. "
+        "Unset: fitted on a sample of the training data (LM-Cocktail: softmax of minus each model's loss / "
+        "temperature).",
+    )
+    fit_samples: int = Field(64, ge=1, le=100000, description="Training records the weights are fitted on.")
+    fit_temperature: float = Field(
+        5.0, gt=0, description="LM-Cocktail's temperature: lower gives the model with the lowest loss more weight."
+    )
+    ship: ModelChoice = Field("merged", description="The model status.model points to (and a deployment takes).")
+    gate: ModelChoice | None = Field(None, description="The model the quality gate reads; default: the shipped one.")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_sum_to_one(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and (any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6):
+            raise ValueError(f"must be >= 0 and sum to 1 (they sum to {sum(weights):g})")
+        return weights
+
+    @model_validator(mode="after")
+    def _one_weight_per_model(self) -> MergeSpec:
+        if self.weights is not None and len(self.weights) != 1 + max(1, len(self.models)):
+            raise ValueError(
+                f"weights: {len(self.weights)} given, {1 + max(1, len(self.models))} needed "
+                "(the fine-tuned model's, then one per model)"
+            )
+        return self
+
+    @property
+    def gated(self) -> ModelChoice:
+        return self.gate or self.ship
+
+
 class CheckpointSpec(CamelModel):
     """Checkpoints in storage, from which a lost or stopped run resumes."""
 

@@ -31,6 +31,7 @@ from .config import (
     CamelModel,
     CheckpointSpec,
     DataSpec,
+    MergeSpec,
     ModelSpec,
     StorageAccess,
     StorageSpec,
@@ -88,6 +89,7 @@ class TrainerConfig(CamelModel):
     data: DataSpec
     training: TrainingSpec = TrainingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    merge: MergeSpec | None = None
     storage: StorageSpec
     run: RunIdentity = RunIdentity()
     work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")

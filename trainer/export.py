@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from .config import ModelSpec
-from .lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, is_adapter_checkpoint, merge_adapter
+from .lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 from .model_loading import model_type_of, prepare_decoder_tokenizer
 
 # Written next to the sentence-transformers files: how the model was made (its settings, the
@@ -22,23 +22,17 @@ _ST_POOLING = {"cls": "cls", "mean": "mean", "lastToken": "lasttoken"}
 
 
 def export_sentence_transformers(
-    hf_dir: Path, out_dir: Path, spec: ModelSpec, *, extra: dict | None = None, base_dir: Path | None = None
+    hf_dir: Path, out_dir: Path, spec: ModelSpec, *, extra: dict | None = None, adapter_dir: Path | None = None
 ) -> Path:
-    """`hf_dir` (a checkpoint; of LoRA adapters over `base_dir`, merged first and then kept
-    in `out_dir/adapter/`) as a sentence-transformers model in `out_dir`."""
-    adapter_source = hf_dir
-    adapter = is_adapter_checkpoint(hf_dir)
-    if adapter:
-        if base_dir is None:
-            raise ValueError(f"{hf_dir} holds LoRA adapters: the base model is needed to merge them")
-        hf_dir = merge_adapter(base_dir, hf_dir, out_dir.with_name(out_dir.name + "-merged"))
+    """`hf_dir` (a Hugging Face checkpoint) as a sentence-transformers model in `out_dir`; the
+    LoRA adapters it was merged from, if any, kept beside it in `out_dir/adapter/`."""
     model = build_sentence_transformer(hf_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir))
-    if adapter:
+    if adapter_dir is not None:
         (out_dir / ADAPTER_DIR).mkdir(exist_ok=True)
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            shutil.copy2(adapter_source / name, out_dir / ADAPTER_DIR / name)
+            shutil.copy2(adapter_dir / name, out_dir / ADAPTER_DIR / name)
     card = {"model": spec.to_dict()} | (extra or {})
     (out_dir / TRAINING_RECORD).write_text(json.dumps(card, indent=2))
     return out_dir

@@ -151,6 +151,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
                 layout,
                 model_path,
                 output_dir / checkpoint_dir_name(final_step),
+                prepared.train_file,
                 {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
             )
         except StorageUnavailable as exc:  # the final checkpoint is stored: a new attempt only exports
@@ -267,7 +268,13 @@ def _run_training(
 
 
 def _publish_model(
-    config: TrainerConfig, storage, layout: RunLayout, model_path: str, final_checkpoint: Path, summary: dict
+    config: TrainerConfig,
+    storage,
+    layout: RunLayout,
+    model_path: str,
+    final_checkpoint: Path,
+    train_file: Path,
+    summary: dict,
 ) -> str:
     """Export the last checkpoint (HF saves one at the final step) in sentence-transformers
     layout and store it, completion marker last. A LoRA checkpoint's adapters are merged into
@@ -275,6 +282,7 @@ def _publish_model(
     from .checkpoints import publish_dir
     from .divergence import describe_tensors, diverged, non_finite_weights
     from .export import export_sentence_transformers
+    from .lora import is_adapter_checkpoint, merge_adapter
 
     if bad := non_finite_weights(final_checkpoint):  # one resumed from an earlier attempt, too
         raise diverged(
@@ -282,16 +290,49 @@ def _publish_model(
             config.training,
         )
     summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
+    work = Path(config.work_dir)
+    finetuned, adapter = final_checkpoint, None
+    if is_adapter_checkpoint(final_checkpoint):
+        finetuned, adapter = merge_adapter(Path(model_path), final_checkpoint, work / "finetuned-hf"), final_checkpoint
     export_dir = export_sentence_transformers(
-        final_checkpoint,
-        Path(config.work_dir) / "model",
-        config.model,
-        extra={"training": summary},
-        base_dir=Path(model_path),
+        finetuned, work / "model", config.model, extra={"training": summary}, adapter_dir=adapter
     )
+    if config.merge is not None:  # first: the fine-tuned model's marker marks the whole run complete
+        _publish_merged_model(config, storage, layout, model_path, finetuned, train_file, summary)
     model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
     logger.info("model stored at %s", model_uri)
     return model_uri
+
+
+def _publish_merged_model(
+    config: TrainerConfig, storage, layout: RunLayout, model_path: str, finetuned: Path, train_file: Path, summary: dict
+) -> str:
+    """The fine-tuned model merged with merge.models (the base by default), exported and stored
+    beside the fine-tuned one."""
+    from .checkpoints import publish_dir
+    from .export import export_sentence_transformers
+    from .merge import fit_weights, merge_models
+
+    merge, work = config.merge, Path(config.work_dir)
+    others = [
+        fetch_to_local(uri, work / "merge-models" / str(index), config.storage)
+        for index, uri in enumerate(merge.models)
+    ] or [Path(model_path)]
+    candidates = [finetuned, *others]
+    weights = merge.weights or fit_weights(
+        candidates,
+        config.model,
+        train_file,
+        merge,
+        temperature=config.training.temperature,
+        seed=config.training.seed,
+    )
+    merged = merge_models(candidates, weights, work / "merged-hf", trust_remote_code=config.model.trust_remote_code)
+    summary = summary | {"merge": {"models": merge.models or [config.model.base], "weights": weights}}
+    export_dir = export_sentence_transformers(merged, work / "merged-model", config.model, extra={"training": summary})
+    uri = publish_dir(storage, export_dir, layout.merged_model_prefix, desc="upload merged model", extra=summary)
+    logger.info("merged model (weights %s) stored at %s", [round(w, 4) for w in weights], uri)
+    return uri
 
 
 def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:

@@ -10,7 +10,7 @@ from embedtune.trainer.config import LoraSpec, ModelSpec
 from embedtune.trainer.decoder import EmbedtuneDecoderModel
 from embedtune.trainer.errors import InputError
 from embedtune.trainer.export import export_sentence_transformers
-from embedtune.trainer.lora import add_lora
+from embedtune.trainer.lora import add_lora, merge_adapter
 from embedtune.trainer.model_loading import load_tokenizer_and_encoder, model_type_of
 from embedtune.trainer.runner import load_encoder_weights
 
@@ -83,7 +83,8 @@ def test_the_merged_export_reproduces_the_trainer_embeddings_and_keeps_the_adapt
     spec = ModelSpec(
         base=str(tiny_decoder), query_instruction="Instruct: find\nQuery: ", query_max_length=8, passage_max_length=12
     ).resolved(model_type_of(tiny_decoder))
-    out = export_sentence_transformers(checkpoint, tmp_path / "st", spec, base_dir=tiny_decoder)
+    merged = merge_adapter(tiny_decoder, checkpoint, tmp_path / "merged")
+    out = export_sentence_transformers(merged, tmp_path / "st", spec, adapter_dir=checkpoint)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     trainer_model = EmbedtuneDecoderModel(
