@@ -385,9 +385,11 @@ class _Planner:
         if gate is None:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded")
             return
-        delta = ((metrics or {}).get("delta") or {}).get(gate.metric)
+        # the gate reads the model spec.merge.gate names (the shipped one by default)
+        field = "mergedDelta" if spec.merge is not None and spec.merge.gated == "merged" else "delta"
+        delta = ((metrics or {}).get(field) or {}).get(gate.metric)
         if delta is None:
-            passed, reason, message = None, Reason.METRICS_MISSING, f"status.metrics.delta has no {gate.metric}"
+            passed, reason, message = None, Reason.METRICS_MISSING, f"status.metrics.{field} has no {gate.metric}"
         elif delta >= gate.min_improvement:
             passed, reason, message = (
                 True,

@@ -19,6 +19,7 @@ from embedtune.trainer.config import (
     CamelModel,
     CheckpointSpec,
     DataSpec,
+    MergeSpec,
     ModelSpec,
     StorageSpec,
     TrainingSpec,
@@ -106,7 +107,13 @@ class EvaluationSpec(CamelModel):
     )
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
     gate: QualityGate | None = Field(
-        None, description="Fail the run when the fine-tuned model does not improve enough."
+        None,
+        description="Fail the run when the fine-tuned model (or the merged one: merge.gate) does not improve enough.",
+    )
+    retention: str | None = Field(
+        None,
+        description="Storage URI of a second, general-domain evaluation set (queries.jsonl, corpus.jsonl, "
+        "qrels.jsonl) every model is also scored on: what fine-tuning and merging kept and cost.",
     )
 
 
@@ -124,6 +131,7 @@ class EmbeddingFinetuneSpec(CamelModel):
     data: FinetuneDataSpec
     training: TrainingSpec = TrainingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    merge: MergeSpec | None = None
     storage: StorageSpec
     resources: ResourcesSpec = ResourcesSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
@@ -148,6 +156,9 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
                 problems.append(f"spec.data.train.{index}: must be an s3:// URI on a cluster")
         if spec.evaluation.enabled and spec.data.eval is not None and not spec.data.eval.startswith("s3://"):
             problems.append("spec.data.eval: must be an s3:// URI on a cluster")
+        retention = spec.evaluation.retention
+        if spec.evaluation.enabled and retention is not None and not retention.startswith("s3://"):
+            problems.append("spec.evaluation.retention: must be an s3:// URI on a cluster")
     if spec.evaluation.enabled and (spec.data.held_out_fraction is None) == (spec.data.eval is None):
         problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
     if spec.evaluation.gate is not None:

@@ -121,7 +121,11 @@ class EvaluationConfig(CamelModel):
 
     model: str = Field(description="The fine-tuned model: path, storage URI or model id.")
     baseline: str | None = Field(None, description="The model to compare with, e.g. the base model.")
+    merged: str | None = Field(None, description="The fine-tuned model merged with others (spec.merge), if any.")
     eval_set: str = Field(description="Directory or storage prefix of queries.jsonl, corpus.jsonl, qrels.jsonl.")
+    retention_set: str | None = Field(
+        None, description="A second (general-domain) evaluation set every model is also scored on."
+    )
     k_values: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
     encoding: EncodingSettings = Field(default_factory=EncodingSettings)  # type: ignore[valid-type]
     index: IndexKind = "exact"
@@ -210,12 +214,24 @@ class ProgressFile(CamelModel):
 Metrics = dict[str, float]  # "ndcg@10" -> value
 
 
+class RetentionMetrics(CamelModel):
+    """Each model's metric@k on the retention set: what fine-tuning and merging kept."""
+
+    baseline: Metrics | None = None
+    finetuned: Metrics
+    merged: Metrics | None = None
+
+
 class StatusMetrics(CamelModel):
-    """status.metrics: each model's metric@k, and fine-tuned minus baseline."""
+    """status.metrics: each model's metric@k, fine-tuned (and merged) minus baseline, and the
+    retention set's scores."""
 
     baseline: Metrics | None = None
     finetuned: Metrics
     delta: Metrics | None = None
+    merged: Metrics | None = None
+    merged_delta: Metrics | None = None
+    retention: RetentionMetrics | None = None
 
 
 class MetricsReport(StatusMetrics):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import StorageAccess
-from .contract import EvaluationConfig, IndexKind, Metrics, MetricsReport
+from .contract import EvaluationConfig, IndexKind, Metrics, MetricsReport, RetentionMetrics
 from .data import EvalSet
 from .encoding import encode_passages, encode_queries, load_encoder
 from .evalset import judgments, load_eval_set, passage_text
@@ -51,30 +51,44 @@ def evaluate_model(
     return retrieval_metrics(rankings, judgments(eval_set), ks)
 
 
-def metrics_report(finetuned: Metrics, baseline: Metrics | None, eval_set: EvalSet) -> MetricsReport:
-    """`baseline` and `delta` are unset without a baseline."""
-    delta = {key: finetuned[key] - baseline[key] for key in finetuned} if baseline is not None else None
+def metrics_report(scores: dict[str, Metrics], eval_set: EvalSet, retention: dict[str, Metrics] | None = None):
+    """The report of each model's scores ("baseline", "finetuned", "merged"); the deltas are
+    against the baseline, unset without one."""
+    baseline, finetuned, merged = scores.get("baseline"), scores["finetuned"], scores.get("merged")
+
+    def minus_baseline(metrics: Metrics | None) -> Metrics | None:
+        return {key: metrics[key] - baseline[key] for key in metrics} if baseline and metrics else None
+
     return MetricsReport(
         baseline=baseline,
         finetuned=finetuned,
-        delta=delta,
+        delta=minus_baseline(finetuned),
+        merged=merged,
+        merged_delta=minus_baseline(merged),
+        retention=RetentionMetrics.model_validate(retention) if retention else None,
         queries=len(eval_set.queries),
         corpus=len(eval_set.corpus),
     )
 
 
+COLUMNS = ("baseline", "finetuned", "merged")
+
+
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
-    columns = ["baseline", "finetuned", "delta"] if report.baseline is not None else ["finetuned"]
-    lines = [
-        f"{report.queries} queries, {report.corpus} passages",
-        f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns),
-    ]
-    for key in metric_keys(ks):
-        cells = "".join(
-            f"{getattr(report, name)[key]:>+12.4f}" if name == "delta" else f"{getattr(report, name)[key]:>12.4f}"
-            for name in columns
-        )
-        lines.append(f"{key:<14}{cells}")
+    sections = [("", report, ("delta", "merged_delta"))]
+    if report.retention is not None:
+        sections.append(("retention ", report.retention, ()))
+    lines = [f"{report.queries} queries, {report.corpus} passages"]
+    for title, scores, deltas in sections:
+        columns = [name for name in (*COLUMNS, *deltas) if getattr(scores, name) is not None]
+        header = [name.replace("merged_delta", "mergedDelta") for name in columns]
+        lines.append(f"{title + 'metric':<20}" + "".join(f"{name:>12}" for name in header))
+        for key in metric_keys(ks):
+            cells = "".join(
+                f"{getattr(scores, name)[key]:>+12.4f}" if "delta" in name else f"{getattr(scores, name)[key]:>12.4f}"
+                for name in columns
+            )
+            lines.append(f"{key:<20}{cells}")
     return "\n".join(lines)
 
 
@@ -90,30 +104,44 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
     overrides = config.encoding.model_dump(exclude_none=True)
     with tempfile.TemporaryDirectory(prefix="embedtune-eval-") as work:
         eval_set = load_eval_set(config.eval_set, Path(work) / "eval", config.storage)
-        logger.info(
-            "evaluation set: %d queries, %d passages, %d judgments",
-            len(eval_set.queries),
-            len(eval_set.corpus),
-            len(eval_set.qrels),
+        retention_set = (
+            load_eval_set(config.retention_set, Path(work) / "retention", config.storage)
+            if config.retention_set
+            else None
         )
+        for name, loaded in (("evaluation", eval_set), ("retention", retention_set)):
+            if loaded is not None:
+                logger.info(
+                    "%s set: %d queries, %d passages, %d judgments",
+                    name,
+                    len(loaded.queries),
+                    len(loaded.corpus),
+                    len(loaded.qrels),
+                )
         scores: dict[str, Metrics] = {}
-        for role, uri in (("baseline", config.baseline), ("finetuned", config.model)):
+        retention: dict[str, Metrics] = {}
+        for role, uri in (("baseline", config.baseline), ("finetuned", config.model), ("merged", config.merged)):
             if uri is None:
                 continue
             path = fetch_to_local(uri, Path(work) / role, config.storage)
             encoder = load_encoder(path, overrides, precision=config.precision)
-            logger.info("evaluating %s model %s", role, uri)
-            scores[role] = evaluate_model(
-                encoder,
-                eval_set,
-                config.k_values,
-                index=config.index,
-                batch_size=config.batch_size,
-                chunk_size=chunk_size,
-            )
+            for loaded, results in ((eval_set, scores), (retention_set, retention)):
+                if loaded is None:
+                    continue
+                logger.info(
+                    "evaluating %s model %s%s", role, uri, " on the retention set" if results is retention else ""
+                )
+                results[role] = evaluate_model(
+                    encoder,
+                    loaded,
+                    config.k_values,
+                    index=config.index,
+                    batch_size=config.batch_size,
+                    chunk_size=chunk_size,
+                )
             del encoder
             gc.collect()  # one model in memory at a time
-    return metrics_report(scores["finetuned"], scores.get("baseline"), eval_set)
+    return metrics_report(scores, eval_set, retention or None)
 
 
 def evaluate(config: EvaluationConfig) -> MetricsReport:

@@ -144,7 +144,8 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
         "embeddingfinetunes",
         "finance",
     )
-    assert body == {"status": {"metrics": {"baseline": None, "finetuned": report["finetuned"], "delta": None}}}
+    unset = dict.fromkeys(["baseline", "delta", "merged", "mergedDelta", "retention"])
+    assert body == {"status": {"metrics": unset | {"finetuned": report["finetuned"]}}}
 
 
 def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
