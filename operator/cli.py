@@ -42,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
 def _add_validate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "validate",
-        help="check EmbeddingFinetune manifests; every problem listed, exit 2 if any",
+        help="check EmbeddingFinetune manifests and estimate their memory per GPU; exit 2 on any problem",
         description="Check every EmbeddingFinetune in FILE as the operator would, including the rules "
-        "the CRD schema cannot express. Prints `field.path: reason` per problem and exits 2 if any.",
+        "the CRD schema cannot express, and print each one's estimated memory per GPU by part. Prints "
+        "`field.path: reason` per problem (a spec that cannot fit its GPUs is one) and exits 2 if any.",
     )
     parser.add_argument("file", type=Path, help="YAML file with one or more manifests")
     parser.set_defaults(func=_validate)
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .memory import plan_memory
     from .spec import parse_finetune
 
     failed = False
@@ -59,10 +61,16 @@ def _validate(args: argparse.Namespace) -> int:
         raise InputError(f"{args.file}: no manifest in the file")
     for manifest in manifests:
         try:
-            parse_finetune(manifest)
+            spec = parse_finetune(manifest)
         except InputError as exc:
             failed = True
             print(exc.report(), file=sys.stderr)
+            continue
+        memory = plan_memory(spec)
+        print(f"{manifest['metadata']['name']}: {memory.describe(spec.model.base)}")
+        if (problem := memory.problem()) is not None:
+            failed = True
+            print(f"invalid EmbeddingFinetune {manifest['metadata']['name']}\n{problem}", file=sys.stderr)
     if failed:
         return EXIT_INPUT_ERROR
     print(f"ok: {len(manifests)} valid manifest(s)", file=sys.stderr)

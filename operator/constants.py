@@ -73,6 +73,7 @@ class Reason(StrEnum):
 
     INVALID_SPEC = "InvalidSpec"
     POLICY_REFUSED = "PolicyRefused"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
     CHILD_CONFLICT = "ChildConflict"
     JOB_CREATED = "JobCreated"
     TRAINING_STARTED = "TrainingStarted"

@@ -25,6 +25,7 @@ from embedtune.trainer.errors import InputError
 from .constants import LABEL_RUN_ID, Condition, Phase, Reason, Role
 from .defaults import ClusterDefaults
 from .failures import FailureKind, classify_failure, job_failed, job_succeeded
+from .memory import plan_memory
 from .render import (
     JobLaunch,
     Run,
@@ -281,7 +282,7 @@ class _Planner:
                 warning=True,
             )
             return False
-        if not self.allowed_by_policy(spec):
+        if not self.allowed_by_policy(spec) or not self.fits_gpu_memory(spec):
             return False
         launch = plan_training(spec, run, attempt, deadline)
         self.plan.launches.append(launch)
@@ -295,6 +296,13 @@ class _Planner:
         if problems:
             self.set_phase(Phase.FAILED, Reason.POLICY_REFUSED, "; ".join(problems), warning=True)
         return not problems
+
+    def fits_gpu_memory(self, spec: EmbeddingFinetuneSpec) -> bool:
+        """A spec that cannot fit its GPUs fails before a Job takes them."""
+        problem = plan_memory(spec).problem()
+        if problem is not None:
+            self.set_phase(Phase.FAILED, Reason.INSUFFICIENT_GPU_MEMORY, problem, warning=True)
+        return problem is None
 
     def remaining_deadline(self, spec: EmbeddingFinetuneSpec) -> int | None:
         limit = spec.run_policy.active_deadline_seconds
@@ -377,12 +385,14 @@ class _Planner:
         if gate is None:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded")
             return
+        # the gate reads the model spec.merge.gated names (the shipped one by default), in gate.mode
+        field = "mergedDelta" if spec.merge is not None and spec.merge.gated == "merged" else "delta"
         scores = metrics if gate.mode == "dense" else ((metrics or {}).get("modes") or {}).get(gate.mode)
-        delta = ((scores or {}).get("delta") or {}).get(gate.metric)
+        delta = ((scores or {}).get(field) or {}).get(gate.metric)
         name = gate.metric if gate.mode == "dense" else f"{gate.mode} {gate.metric}"
         if delta is None:
-            where = "status.metrics.delta" if gate.mode == "dense" else f"status.metrics.modes.{gate.mode}.delta"
-            passed, reason, message = None, Reason.METRICS_MISSING, f"{where} has no {gate.metric}"
+            where = "status.metrics" if gate.mode == "dense" else f"status.metrics.modes.{gate.mode}"
+            passed, reason, message = None, Reason.METRICS_MISSING, f"{where}.{field} has no {gate.metric}"
         elif delta >= gate.min_improvement:
             passed, reason, message = (
                 True,

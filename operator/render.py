@@ -117,6 +117,9 @@ def storage_uri(spec: EmbeddingFinetuneSpec, prefix: str) -> str:
 
 
 def model_uri(spec: EmbeddingFinetuneSpec, run: Run) -> str:
+    """The shipped model (status.model): the merged one where spec.merge ships it."""
+    if spec.merge is not None and spec.merge.ship == "merged":
+        return storage_uri(spec, run.layout.merged_model_prefix)
     return storage_uri(spec, run.layout.model_prefix)
 
 
@@ -141,6 +144,7 @@ def trainer_config(spec: EmbeddingFinetuneSpec, run: Run) -> TrainerConfig:
         data=spec.data.for_trainer(),
         training=spec.training,
         checkpoint=spec.checkpoint,
+        merge=spec.merge,
         storage=spec.storage,
         run=run.identity(),
         work_dir=WORK_DIR,
@@ -151,11 +155,13 @@ def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig
     """Base vs fine-tuned, both encoded with the resource's model settings: the base model
     exactly as the fine-tuned one was trained."""
     return EvaluationConfig(
-        model=model_uri(spec, run),
+        model=storage_uri(spec, run.layout.model_prefix),
         baseline=spec.model.base,
+        merged=storage_uri(spec, run.layout.merged_model_prefix) if spec.merge is not None else None,
         eval_set=eval_set_uri(spec, run),
+        retention_set=spec.evaluation.retention,
         k_values=spec.evaluation.k_values,
-        encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base"})),
+        encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base", "lora"})),
         modes=["sparse", "colbert", "hybrid"] if spec.model.unified else [],
         dimensions=spec.training.matryoshka_dims,
         hybrid_weights=spec.evaluation.hybrid_weights,

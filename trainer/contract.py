@@ -31,6 +31,7 @@ from .config import (
     CamelModel,
     CheckpointSpec,
     DataSpec,
+    MergeSpec,
     ModelSpec,
     StorageAccess,
     StorageSpec,
@@ -89,6 +90,7 @@ class TrainerConfig(CamelModel):
     data: DataSpec
     training: TrainingSpec = TrainingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    merge: MergeSpec | None = None
     storage: StorageSpec
     run: RunIdentity = RunIdentity()
     work_dir: str = Field("/tmp/embedtune", description="Local scratch space for data, checkpoints and the model.")
@@ -114,7 +116,7 @@ def all_optional(model: type[CamelModel], name: str, exclude: set[str]) -> type[
 
 # How a model encodes text (ModelSpec without `base`). A field given here replaces the model's
 # own setting: the evaluation encodes the base model exactly as the fine-tuned one was trained.
-EncodingSettings = all_optional(ModelSpec, "EncodingSettings", exclude={"base"})
+EncodingSettings = all_optional(ModelSpec, "EncodingSettings", exclude={"base", "lora"})
 
 IndexKind = Literal["exact", "ivf", "hnsw"]
 EncodePrecision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -143,7 +145,11 @@ class EvaluationConfig(CamelModel):
 
     model: str = Field(description="The fine-tuned model: path, storage URI or model id.")
     baseline: str | None = Field(None, description="The model to compare with, e.g. the base model.")
+    merged: str | None = Field(None, description="The fine-tuned model merged with others (spec.merge), if any.")
     eval_set: str = Field(description="Directory or storage prefix of queries.jsonl, corpus.jsonl, qrels.jsonl.")
+    retention_set: str | None = Field(
+        None, description="A second (general-domain) evaluation set every model is also scored on."
+    )
     k_values: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
     encoding: EncodingSettings = Field(default_factory=EncodingSettings)  # type: ignore[valid-type]
     index: IndexKind = "exact"
@@ -248,11 +254,23 @@ class ModeMetrics(CamelModel):
     delta: Metrics | None = None
 
 
+class RetentionMetrics(CamelModel):
+    """Each model's metric@k on the retention set: what fine-tuning and merging kept."""
+
+    baseline: Metrics | None = None
+    finetuned: Metrics
+    merged: Metrics | None = None
+
+
 class StatusMetrics(ModeMetrics):
     """status.metrics: each model's metric@k with its dense vector, and in `modes` with every
-    other way it was scored (sparse, colbert, hybrid; dense-DIM for Matryoshka dimensions)."""
+    other way it was scored (sparse, colbert, hybrid; dense-DIM for Matryoshka dimensions); the
+    merged model's and its delta where a merge ran; the retention set's scores."""
 
     modes: dict[str, ModeMetrics] | None = None
+    merged: Metrics | None = None
+    merged_delta: Metrics | None = None
+    retention: RetentionMetrics | None = None
 
 
 class MetricsReport(StatusMetrics):

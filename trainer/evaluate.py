@@ -28,6 +28,7 @@ from .contract import (
     Metrics,
     MetricsReport,
     ModeMetrics,
+    RetentionMetrics,
     dimension_mode,
 )
 from .data import EvalSet
@@ -174,32 +175,54 @@ def _top(scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.nda
 
 
 def metrics_report(
-    finetuned: dict[str, Metrics], baseline: dict[str, Metrics] | None, eval_set: EvalSet
+    scores: dict[str, dict[str, Metrics]], eval_set: EvalSet, retention: dict[str, Metrics] | None = None
 ) -> MetricsReport:
-    """Dense at the top level, every other mode in `modes`; `baseline` and `delta` are unset
-    without a baseline (and for a mode the baseline could not be scored in)."""
-    sets = {}
-    for mode, scores in finetuned.items():
-        base = (baseline or {}).get(mode)
-        delta = {key: scores[key] - base[key] for key in scores} if base is not None else None
-        sets[mode] = ModeMetrics(baseline=base, finetuned=scores, delta=delta)
-    dense = sets.pop("dense")
+    """The report of each model's scores by role ("baseline", "finetuned", "merged") and mode:
+    dense at the top level, the fine-tuned and baseline models' other modes in `modes`; deltas
+    are against the baseline, unset without one (or for a mode the baseline was not scored in)."""
+    baseline, finetuned, merged = scores.get("baseline") or {}, scores["finetuned"], scores.get("merged") or {}
+
+    def minus_baseline(metrics: Metrics | None, mode: str = "dense") -> Metrics | None:
+        base = baseline.get(mode)
+        return {key: metrics[key] - base[key] for key in metrics} if base and metrics else None
+
+    modes = {
+        mode: ModeMetrics(baseline=baseline.get(mode), finetuned=found, delta=minus_baseline(found, mode))
+        for mode, found in finetuned.items()
+        if mode != "dense"
+    }
     return MetricsReport(
-        **dense.model_dump(), modes=sets or None, queries=len(eval_set.queries), corpus=len(eval_set.corpus)
+        baseline=baseline.get("dense"),
+        finetuned=finetuned["dense"],
+        delta=minus_baseline(finetuned["dense"]),
+        modes=modes or None,
+        merged=merged.get("dense"),
+        merged_delta=minus_baseline(merged.get("dense")),
+        retention=RetentionMetrics.model_validate(retention) if retention else None,
+        queries=len(eval_set.queries),
+        corpus=len(eval_set.corpus),
     )
 
 
+COLUMNS = ("baseline", "finetuned", "merged")
+
+
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
+    sections = [("metric", report, (*COLUMNS, "delta", "merged_delta"))]
+    sections += [(mode, scores, ("baseline", "finetuned", "delta")) for mode, scores in (report.modes or {}).items()]
+    if report.retention is not None:
+        sections.append(("retention", report.retention, COLUMNS))
     lines = [f"{report.queries} queries, {report.corpus} passages"]
-    for mode, scores in [("dense", report), *(report.modes or {}).items()]:
-        columns = ["baseline", "finetuned", "delta"] if scores.baseline is not None else ["finetuned"]
-        lines.append(f"{mode:<14}" + "".join(f"{name:>12}" for name in columns))
+    for title, scores, names in sections:
+        columns = [name for name in names if getattr(scores, name) is not None]
+        header = [name.replace("merged_delta", "mergedDelta") for name in columns]
+        lines.append(f"{title:<14}" + "".join(f"{name:>12}" for name in header))
         for key in metric_keys(ks):
             cells = "".join(
-                f"{getattr(scores, name)[key]:>+12.4f}" if name == "delta" else f"{getattr(scores, name)[key]:>12.4f}"
+                f"{getattr(scores, name)[key]:>+12.4f}" if "delta" in name else f"{getattr(scores, name)[key]:>12.4f}"
                 for name in columns
             )
-            lines.append(f"  {key:<12}{cells}")
+            lines.append(f"{key:<14}{cells}")
     return "\n".join(lines)
 
 
@@ -215,14 +238,23 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
     overrides = config.encoding.model_dump(exclude_none=True)
     with tempfile.TemporaryDirectory(prefix="embedtune-eval-") as work:
         eval_set = load_eval_set(config.eval_set, Path(work) / "eval", config.storage)
-        logger.info(
-            "evaluation set: %d queries, %d passages, %d judgments",
-            len(eval_set.queries),
-            len(eval_set.corpus),
-            len(eval_set.qrels),
+        retention_set = (
+            load_eval_set(config.retention_set, Path(work) / "retention", config.storage)
+            if config.retention_set
+            else None
         )
+        for name, loaded in (("evaluation", eval_set), ("retention", retention_set)):
+            if loaded is not None:
+                logger.info(
+                    "%s set: %d queries, %d passages, %d judgments",
+                    name,
+                    len(loaded.queries),
+                    len(loaded.corpus),
+                    len(loaded.qrels),
+                )
         scores: dict[str, dict[str, Metrics]] = {}
-        for role, uri in (("baseline", config.baseline), ("finetuned", config.model)):
+        retention: dict[str, Metrics] = {}
+        for role, uri in (("baseline", config.baseline), ("finetuned", config.model), ("merged", config.merged)):
             if uri is None:
                 continue
             path = fetch_to_local(uri, Path(work) / role, config.storage)
@@ -251,9 +283,19 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
                 hybrid_weights=config.hybrid_weights,
                 rerank_depth=config.rerank_depth,
             )
+            if retention_set is not None:  # what general ability is kept: dense vectors only
+                logger.info("evaluating %s model %s on the retention set", role, uri)
+                retention[role] = evaluate_model(
+                    encoder,
+                    retention_set,
+                    config.k_values,
+                    index=config.index,
+                    batch_size=config.batch_size,
+                    chunk_size=chunk_size,
+                )["dense"]
             del encoder, m3
             gc.collect()  # one model in memory at a time
-    return metrics_report(scores["finetuned"], scores.get("baseline"), eval_set)
+    return metrics_report(scores, eval_set, retention or None)
 
 
 def evaluate(config: EvaluationConfig) -> MetricsReport:

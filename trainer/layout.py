@@ -49,6 +49,11 @@ class RunLayout:
         return join(self.run_prefix, "model")
 
     @property
+    def merged_model_prefix(self) -> str:
+        """The fine-tuned model merged with others (spec.merge), beside the fine-tuned one."""
+        return join(self.run_prefix, "merged-model")
+
+    @property
     def eval_prefix(self) -> str:
         return join(self.run_prefix, "eval")
 

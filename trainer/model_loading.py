@@ -10,6 +10,7 @@ reached now, a full disk, memory running out.
 from __future__ import annotations
 
 import errno
+import json
 import pickle
 import socket
 from collections.abc import Iterator
@@ -67,24 +68,56 @@ def check_tokenizer(tokenizer) -> None:
         )
 
 
-def load_tokenizer(name: str, field: str = "model.base", *, trust_remote_code: bool = False):
-    """A Hugging Face tokenizer that knows words, or an InputError naming what is wrong with it."""
+def load_tokenizer(name: str, field: str = "model.base", *, trust_remote_code: bool = False, decoder: bool = False):
+    """A Hugging Face tokenizer that knows words (prepared for last-token pooling when the model
+    is a decoder), or an InputError naming what is wrong with it."""
     from transformers import AutoTokenizer
 
     with loading_model(name, field):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         check_tokenizer(tokenizer)
+        if decoder:
+            prepare_decoder_tokenizer(tokenizer)
     return tokenizer
 
 
-def load_tokenizer_and_encoder(name: str, field: str = "model.base", *, trust_remote_code: bool = False):
+def load_tokenizer_and_encoder(
+    name: str, field: str = "model.base", *, trust_remote_code: bool = False, decoder: bool = False
+):
     """A Hugging Face tokenizer and encoder, or an InputError naming what is wrong with them."""
     from transformers import AutoModel
 
-    tokenizer = load_tokenizer(name, field, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name, field, trust_remote_code=trust_remote_code, decoder=decoder)
     with loading_model(name, field):
         encoder = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
     return tokenizer, encoder
+
+
+def model_type_of(path: str | Path) -> str | None:
+    """`model_type` of a local model's config.json; None where there is none to read."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prepare_decoder_tokenizer(tokenizer) -> None:
+    """What last-token pooling needs of a causal LM's tokenizer, in the tokenizer itself so a
+    saved copy (the exported model's) tokenizes the same: every text ends with the EOS token
+    (its state sums up the text; Qwen3-Embedding's tokenizer appends it already), padding on
+    the left (the last position is every text's last token), and a pad token."""
+    from tokenizers.processors import TemplateProcessing
+
+    if tokenizer.eos_token is None:
+        raise ValueError("its tokenizer has no EOS token, which last-token pooling of a decoder appends to every text")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id:
+        eos = tokenizer.eos_token
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, tokenizer.eos_token_id)]
+        )
 
 
 def worth_retrying(exc: BaseException) -> bool:

@@ -38,7 +38,9 @@ from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .checkpoints import CheckpointUploader
+from .config import LoraSpec
 from .contract import TrainerConfig
+from .lora import add_lora, is_adapter_checkpoint, load_adapter_weights
 from .model_loading import load_tokenizer_and_encoder
 from .progress import ThrottledReporter, progress_from_log
 
@@ -141,7 +143,11 @@ class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):
 
 
 def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
-    """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match."""
+    """Load a checkpoint written by `save_pretrained` into `encoder`; every key must match.
+    A LoRA checkpoint holds only the adapters."""
+    if is_adapter_checkpoint(checkpoint):
+        load_adapter_weights(encoder, checkpoint)
+        return
     if (checkpoint / SAFE_WEIGHTS_INDEX_NAME).exists() or (checkpoint / WEIGHTS_INDEX_NAME).exists():
         load_sharded_checkpoint(encoder, checkpoint, strict=True)
         return
@@ -162,13 +168,15 @@ def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
 
 
 class EmbedtuneRunnerMixin:
-    """A runner family's runner: builds `trainer_class` with our callbacks, warns about a batch
-    larger than the data."""
+    """What every family's runner adds: our callbacks, and the family's trainer class."""
 
-    trainer_class: type = EmbedtuneTrainer
+    trainer_class: type
 
-    def __init__(self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback]):
+    def __init__(
+        self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback], lora: LoraSpec | None = None
+    ):
         self.callbacks = callbacks
+        self.lora = lora
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
     def load_trainer(self):
@@ -195,32 +203,45 @@ class EmbedtuneRunnerMixin:
 
 
 class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
-    """FlagEmbedding's encoder-only (dense) runner."""
+    """FlagEmbedding's encoder-only runner: the model loads as an input error if it cannot."""
+
+    trainer_class = EmbedtuneTrainer
 
     def load_tokenizer_and_model(self):
-        tokenizer, encoder = load_tokenizer_and_encoder(
-            self.model_args.model_name_or_path, trust_remote_code=self.model_args.trust_remote_code
-        )
-        args = self.training_args
-        model = EmbedtuneEmbedderModel(
-            encoder,
-            tokenizer=tokenizer,
-            negatives_cross_device=args.negatives_cross_device,
-            temperature=args.temperature,
-            sub_batch_size=args.sub_batch_size,
-            kd_loss_type=args.kd_loss_type,
-            use_mrl=args.use_mrl,
-            mrl_dims=args.mrl_dims,
-            sentence_pooling_method=args.sentence_pooling_method,
-            normalize_embeddings=args.normalize_embeddings,
-        )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        return tokenizer, model
+        return load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
+
+
+def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: bool):
+    """The tokenizer and FlagEmbedding's bi-encoder of `model_class` over the runner's base
+    model (an input error if it cannot be loaded), with LoRA adapters where configured."""
+    tokenizer, encoder = load_tokenizer_and_encoder(
+        runner.model_args.model_name_or_path, trust_remote_code=runner.model_args.trust_remote_code, decoder=decoder
+    )
+    if runner.lora is not None:
+        encoder = add_lora(encoder, runner.lora, decoder=decoder)
+    args = runner.training_args
+    model = model_class(
+        encoder,
+        tokenizer=tokenizer,
+        negatives_cross_device=args.negatives_cross_device,
+        temperature=args.temperature,
+        sub_batch_size=args.sub_batch_size,
+        kd_loss_type=args.kd_loss_type,
+        use_mrl=args.use_mrl,
+        mrl_dims=args.mrl_dims,
+        sentence_pooling_method=args.sentence_pooling_method,
+        normalize_embeddings=args.normalize_embeddings,
+    )
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return tokenizer, model
 
 
 def runner_family(config: TrainerConfig) -> str:
-    """Which FlagEmbedding runner trains this config: "encoder" (dense), "m3" (dense + sparse + ColBERT)."""
+    """Which FlagEmbedding runner trains this config: "decoder" (model.family, resolved from the
+    model's config), "m3" (dense + sparse + ColBERT) or "encoder" (dense)."""
+    if config.model.family == "decoder":
+        return "decoder"
     return "m3" if config.model.unified else "encoder"
 
 

@@ -86,6 +86,7 @@ def broadcast_from_rank0(value):
 def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None) -> TrainResult:
     from .checkpoints import CheckpointStore, is_published, publish_dir
     from .data import prepare_training_data
+    from .model_loading import model_type_of
 
     rank, local_rank, _, _ = _rank()
     work = Path(config.work_dir)
@@ -107,6 +108,8 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         model_path = str(
             fetch_to_local(config.model.base, work / "base-model", config.storage, download=local_rank == 0)
         )
+        # decoder or encoder, and the pooling that follows, from the model's own config.json
+        config = config.model_copy(update={"model": config.model.resolved(model_type_of(model_path))})
         prepared = prepare_training_data(
             config.data,
             config.training.group_size,
@@ -146,7 +149,9 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
                 config,
                 storage,
                 layout,
+                model_path,
                 output_dir / checkpoint_dir_name(final_step),
+                prepared.train_file,
                 {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
             )
         except StorageUnavailable as exc:  # the final checkpoint is stored: a new attempt only exports
@@ -172,6 +177,10 @@ def _family(config: TrainerConfig) -> RunnerFamily:
         return RunnerFamily(EmbedtuneM3Runner, build_m3_model_and_data_arguments, build_m3_training_arguments)
     from .runner import EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments
 
+    if runner_family(config) == "decoder":
+        from .decoder import EmbedtuneDecoderRunner, build_decoder_model_and_data_arguments
+
+        return RunnerFamily(EmbedtuneDecoderRunner, build_decoder_model_and_data_arguments, build_training_arguments)
     return RunnerFamily(EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments)
 
 
@@ -244,7 +253,7 @@ def _run_training(
     stop = StopOnSignal()
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
-    runner = family.runner(model_args, data_args, training_args, callbacks=callbacks)
+    runner = family.runner(model_args, data_args, training_args, callbacks=callbacks, lora=config.model.lora)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         try:
@@ -272,12 +281,22 @@ def _run_training(
     return state.global_step, (losses[-1] if losses else None)
 
 
-def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_checkpoint: Path, summary: dict) -> str:
+def _publish_model(
+    config: TrainerConfig,
+    storage,
+    layout: RunLayout,
+    model_path: str,
+    final_checkpoint: Path,
+    train_file: Path,
+    summary: dict,
+) -> str:
     """Export the last checkpoint (HF saves one at the final step) in sentence-transformers
-    layout and store it, completion marker last."""
+    layout and store it, completion marker last. A LoRA checkpoint's adapters are merged into
+    the base model first, and kept beside it."""
     from .checkpoints import publish_dir
     from .divergence import describe_tensors, diverged, non_finite_weights
     from .export import export_sentence_transformers
+    from .lora import is_adapter_checkpoint, merge_adapter
 
     if bad := non_finite_weights(final_checkpoint):  # one resumed from an earlier attempt, too
         raise diverged(
@@ -285,12 +304,49 @@ def _publish_model(config: TrainerConfig, storage, layout: RunLayout, final_chec
             config.training,
         )
     summary = {"baseModel": config.model.base, "run": config.run.to_dict()} | summary
+    work = Path(config.work_dir)
+    finetuned, adapter = final_checkpoint, None
+    if is_adapter_checkpoint(final_checkpoint):
+        finetuned, adapter = merge_adapter(Path(model_path), final_checkpoint, work / "finetuned-hf"), final_checkpoint
     export_dir = export_sentence_transformers(
-        final_checkpoint, Path(config.work_dir) / "model", config.model, extra={"training": summary}
+        finetuned, work / "model", config.model, extra={"training": summary}, adapter_dir=adapter
     )
+    if config.merge is not None:  # first: the fine-tuned model's marker marks the whole run complete
+        _publish_merged_model(config, storage, layout, model_path, finetuned, train_file, summary)
     model_uri = publish_dir(storage, export_dir, layout.model_prefix, desc="upload model", extra=summary)
     logger.info("model stored at %s", model_uri)
     return model_uri
+
+
+def _publish_merged_model(
+    config: TrainerConfig, storage, layout: RunLayout, model_path: str, finetuned: Path, train_file: Path, summary: dict
+) -> str:
+    """The fine-tuned model merged with merge.models (the base by default), exported and stored
+    beside the fine-tuned one."""
+    from .checkpoints import publish_dir
+    from .export import export_sentence_transformers
+    from .merge import fit_weights, merge_models
+
+    merge, work = config.merge, Path(config.work_dir)
+    others = [
+        fetch_to_local(uri, work / "merge-models" / str(index), config.storage)
+        for index, uri in enumerate(merge.models)
+    ] or [Path(model_path)]
+    candidates = [finetuned, *others]
+    weights = merge.weights or fit_weights(
+        candidates,
+        config.model,
+        train_file,
+        merge,
+        temperature=config.training.temperature,
+        seed=config.training.seed,
+    )
+    merged = merge_models(candidates, weights, work / "merged-hf", trust_remote_code=config.model.trust_remote_code)
+    summary = summary | {"merge": {"models": merge.models or [config.model.base], "weights": weights}}
+    export_dir = export_sentence_transformers(merged, work / "merged-model", config.model, extra={"training": summary})
+    uri = publish_dir(storage, export_dir, layout.merged_model_prefix, desc="upload merged model", extra=summary)
+    logger.info("merged model (weights %s) stored at %s", [round(w, 4) for w in weights], uri)
+    return uri
 
 
 def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:

@@ -188,3 +188,18 @@ def test_the_clusters_policy_refuses_images_secrets_and_priority_classes_it_does
     ):
         assert refused_setting in plan.status["message"]
     assert [event.type for event in plan.events][-1] == "Warning"
+
+
+def test_a_spec_that_cannot_fit_its_gpus_fails_before_a_job_takes_them():
+    fits = finetune(model={"base": "BAAI/bge-base-en-v1.5"}, resources={"gpusPerNode": 8, "gpuMemory": "80Gi"})
+    assert plan_reconcile(fits, [], [], DEFAULTS, NOW).launches
+    too_big = finetune(
+        model={"base": "Qwen/Qwen3-Embedding-8B", "passageMaxLength": 1024},
+        training={"batchSizePerDevice": 64},
+        resources={"gpusPerNode": 8, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
+    )
+    plan = plan_reconcile(too_big, [], [], DEFAULTS, NOW)
+    assert plan.create == [] and plan.launches == []
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "InsufficientGPUMemory")
+    assert "GiB per GPU but spec.resources.nodeSelector[nvidia.com/gpu.product] is 22.4 GiB" in plan.status["message"]
+    assert "it would fit with" in plan.status["message"]

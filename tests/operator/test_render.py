@@ -218,7 +218,8 @@ def test_evaluation_job_follows_the_contract():
     assert config.k_values == [1, 10, 100]
     assert config.output == "s3://m/p/ml/tiny/run-3/metrics.json"
     assert (config.run.namespace, config.run.name, config.run.report_status) == ("ml", "tiny", True)
-    assert (config.encoding.pooling, config.encoding.normalize) == ("cls", True)
+    # pooling unset: the evaluator takes the model's family default (cls for BERT, lastToken for decoders)
+    assert (config.encoding.pooling, config.encoding.family, config.encoding.normalize) == (None, "auto", True)
     assert (config.encoding.query_max_length, config.encoding.passage_max_length) == (64, 256)
     assert (config.storage.endpoint, config.storage.region, config.storage.retry_seconds) == (
         "http://minio:9000",

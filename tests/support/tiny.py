@@ -103,3 +103,35 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
+
+
+def build_tiny_decoder(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny Qwen3-style causal LM (grouped-query attention, gated MLP, rotary positions) and
+    a byte-level BPE tokenizer trained here on the synthetic vocabulary; like Qwen's, its EOS
+    `<|endoftext|>` is not appended by the tokenizer (the trainer makes it so)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS[i : i + 10]) for i in range(0, len(WORDS), 5)] + ["what is about query: passage:"]
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=[eos]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.token_to_id(eos),
+    )
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return path

@@ -384,3 +384,49 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
 
     done = run_trainer(config, nproc=1)  # a pod restarted after the run had finished
     assert done.returncode == 0 and "is already complete" in done.stderr
+
+
+# the family (decoder) comes from the model's config.json; write_config sets a pooling, so set it back
+LORA = {"pooling": "lastToken", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "queryInstruction": "Query: "}
+
+
+def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its_loss_curve(
+    tiny_decoder, tmp_path, s3_bucket, s3_endpoint
+):
+    from sentence_transformers import SentenceTransformer
+
+    steps = {"training": {"maxSteps": 30, "learningRate": 1e-3}, "checkpoint": {"everySteps": 10, "keep": 3}}
+    reference = write_config(tmp_path, tiny_decoder, str(tmp_path / "ref-store"), work="ref", model=LORA, **steps)
+    finished = run_trainer(reference)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "negatives: world size 2, each of 8 queries scored against 32 passages (cross-device on)" in finished.stderr
+    ref_storage = open_storage(str(tmp_path / "ref-store"))
+    expected = losses(ref_storage, 30)
+    # checkpoints hold the adapters and their optimizer state, not the base weights
+    stored = {Path(item.key).name for item in ref_storage.list(RUN.checkpoint_prefix(10))}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= stored
+    assert not stored & {"model.safetensors", "pytorch_model.bin"}
+    model_dir = tmp_path / "exported"
+    ref_storage.download_dir(RUN.model_prefix, model_dir)
+    assert (model_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((model_dir / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
+    assert SentenceTransformer(str(model_dir), device="cpu").prompts["query"] == "Query: "
+
+    # killed after its first complete checkpoint, then resumed: the same loss curve
+    config = write_config(tmp_path, tiny_decoder, s3_bucket, s3_endpoint, model=LORA, **steps)
+    store = CheckpointStore(open_storage(s3_bucket, StorageAccess(endpoint=s3_endpoint)), RUN)
+    victim = subprocess.Popen(
+        trainer_command(config, 2), env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not store.complete_steps() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    kill_process_tree(victim)
+    complete = store.complete_steps()
+    assert complete and complete[0] < 30
+    resumed = run_trainer(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint {complete[0]}" in resumed.stderr
+    actual = losses(store.storage, 30)
+    for step in range(complete[0] + 1, 31):
+        assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
