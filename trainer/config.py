@@ -162,6 +162,24 @@ def _non_finite_paths(value: Any, path: str = "") -> Iterator[str]:
             yield from _non_finite_paths(item, f"{path}.{index}" if path else str(index))
 
 
+DistillationLoss = Literal["klDiv", "m3KdLoss"]
+
+
+class DistillationSpec(CamelModel):
+    """Knowledge distillation from teacher scores (`pos_scores`/`neg_scores` of every record)."""
+
+    enabled: bool = Field(True, description="Train towards the teacher's scores; every record must carry them.")
+    loss_type: DistillationLoss = Field(
+        "klDiv",
+        description="klDiv: KL divergence to the teacher's distribution over the query's own group, plus the "
+        "contrastive loss; m3KdLoss: bge-m3's teacher-weighted contrastive loss over the whole batch.",
+    )
+
+    @property
+    def flagembedding_loss(self) -> str:
+        return "kl_div" if self.loss_type == "klDiv" else "m3_kd_loss"
+
+
 class TrainingSpec(CamelModel):
     """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
     other passage of the batch (of all ranks, with negativesCrossDevice)."""
@@ -192,6 +210,18 @@ class TrainingSpec(CamelModel):
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
+    distillation: DistillationSpec | None = Field(
+        None, description="Distil teacher scores (pos_scores/neg_scores of the data); off when unset."
+    )
+    mask_false_negatives: bool = Field(
+        True,
+        description="Leave out of a query's negatives every passage (of the batch, of every rank) whose text "
+        "equals one of that query's positives, so queries sharing an answer are not trained away from it.",
+    )
+
+    @property
+    def distills(self) -> bool:
+        return self.distillation is not None and self.distillation.enabled
 
     @field_validator("matryoshka_dims")
     @classmethod

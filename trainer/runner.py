@@ -232,6 +232,7 @@ def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train
         passage_max_len=m.passage_max_length,
         query_instruction_for_retrieval=m.query_instruction,
         passage_instruction_for_retrieval=m.passage_instruction,
+        knowledge_distillation=t.distills,
     )
     return model_args, data_args
 
@@ -255,6 +256,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         per_device_train_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         temperature=t.temperature,
+        **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills else {}),
         # FlagEmbedding refuses cross-device negatives without a process group
         negatives_cross_device=t.negatives_cross_device and world_size > 1,
         sentence_pooling_method=m.flagembedding_pooling,

@@ -116,6 +116,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
             model=config.model,
             model_path=model_path,
             reuse=local_rank != 0,
+            distillation=config.training.distills,
         )
         if local_rank == 0:
             resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
