@@ -4,6 +4,9 @@ subclassing its concrete runner, model and trainer, and adding Trainer callbacks
 What the subclasses change, and why:
 - the model records the shape of its first score matrix, so the log states how many
   passages each query was scored against (proof that cross-device negatives are on);
+- the model masks false negatives (false_negatives.py): the dataset and collator add text
+  hashes to the batch, and the scores of passages equal to a query's own positives are
+  masked before FlagEmbedding's loss;
 - the trainer saves only on the process that should (FlagEmbedding writes on every rank
   without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
   checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it
@@ -16,10 +19,12 @@ What the subclasses change, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
@@ -39,18 +44,48 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
+from .false_negatives import PassageHashingCollator, PositiveHashingDataset, false_negatives, gather_hashes
 from .model_loading import load_tokenizer_and_encoder
 from .progress import ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class EmbedtuneDataArguments(EncoderOnlyEmbedderDataArguments):
+    mask_false_negatives: bool = field(
+        default=True, metadata={"help": "Mask the scores of passages equal to one of the query's positives."}
+    )
+
+
 class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
+    # the step's false negatives, shaped as the score matrix its loss is computed on
+    _false_negatives: torch.Tensor | None = None
+
+    def forward(
+        self,
+        queries=None,
+        passages=None,
+        teacher_scores=None,
+        no_in_batch_neg_flag: bool = False,
+        passage_hashes: torch.Tensor | None = None,
+        positive_hashes: torch.Tensor | None = None,
+    ):
+        if self.training and passage_hashes is not None:
+            if self.negatives_cross_device and not no_in_batch_neg_flag:
+                passage_hashes, positive_hashes = gather_hashes(passage_hashes, positive_hashes)
+            self._false_negatives = false_negatives(passage_hashes, positive_hashes)
+        try:
+            return super().forward(queries, passages, teacher_scores, no_in_batch_neg_flag)
+        finally:
+            self._false_negatives = None
 
     def compute_score(self, q_reps, p_reps):
         scores = super().compute_score(q_reps, p_reps)
+        if self._false_negatives is not None:
+            scores = scores.masked_fill(self._false_negatives, torch.finfo(scores.dtype).min)
         if self.training and self.first_scores_shape is None:
             self.first_scores_shape = (scores.size(0), scores.size(1))
         return scores
@@ -171,6 +206,22 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             model.enable_input_require_grads()
         return tokenizer, model
 
+    @property
+    def masks_false_negatives(self) -> bool:
+        # FlagEmbedding's same-dataset batches come from another dataset class, which hashes nothing
+        return self.data_args.mask_false_negatives and not self.data_args.same_dataset_within_batch
+
+    def load_train_dataset(self):
+        if not self.masks_false_negatives:
+            return super().load_train_dataset()
+        return PositiveHashingDataset(args=self.data_args, tokenizer=self.tokenizer)
+
+    def load_data_collator(self):
+        collator = super().load_data_collator()
+        if not self.masks_false_negatives:
+            return collator
+        return PassageHashingCollator(**{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)})
+
     def load_trainer(self) -> EmbedtuneTrainer:
         args, records = self.training_args, len(self.train_dataset)
         if args.should_log and samples_per_step(args) > records:
@@ -225,7 +276,7 @@ def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train
     """FlagEmbedding's model and data arguments; the data must exist (they check)."""
     t, m = config.training, config.model
     model_args = EncoderOnlyEmbedderModelArguments(model_name_or_path=model_path, trust_remote_code=m.trust_remote_code)
-    data_args = EncoderOnlyEmbedderDataArguments(
+    data_args = EmbedtuneDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
         query_max_len=m.query_max_length,
@@ -233,6 +284,7 @@ def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train
         query_instruction_for_retrieval=m.query_instruction,
         passage_instruction_for_retrieval=m.passage_instruction,
         knowledge_distillation=t.distills,
+        mask_false_negatives=t.mask_false_negatives,
     )
     return model_args, data_args
 

@@ -105,11 +105,12 @@ def test_flagembedding_trains_on_the_scores_with_distillation(tiny_model, tmp_pa
     )
     items = [runner.train_dataset[i] for i in range(4)]
     teacher = {json.dumps(r["query"]): r for r in scored_records(8)}
-    for query, passages, scores in items:  # the scores of the passages sampled, in their order
+    for query, passages, scores, _ in items:  # the scores of the passages sampled, in their order
         record = teacher[json.dumps(query)]
         by_text = dict(zip(record["pos"] + record["neg"], record["pos_scores"] + record["neg_scores"]))
         assert scores == [by_text[p] for p in passages]
     batch = runner.data_collator(items)
+    assert batch["passage_hashes"].shape == (16,)  # false negatives are masked by default
     runner.model.train()
     with torch.no_grad():
         distilled = runner.model(**batch).loss
