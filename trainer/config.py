@@ -110,6 +110,26 @@ class HardNegativesSpec(CamelModel):
         return value
 
 
+TeacherKind = Literal["crossEncoder", "embedder"]
+
+
+class TeacherSpec(CamelModel):
+    """A model that scores every record's positives and negatives before training (after mining
+    and filling), for training.distillation."""
+
+    model: str = Field(
+        description="Hugging Face model id, local path, storage URI, or package://NAME/PATH, as model.base."
+    )
+    kind: TeacherKind = Field(
+        "crossEncoder",
+        description="crossEncoder: a reranker scoring (query, passage) pairs, its single logit the score; "
+        "embedder: an embedding model, the similarity of query and passage vectors the score.",
+    )
+    batch_size: int = Field(64, ge=1, le=65536, description="Pairs (or texts) scored per forward pass.")
+    max_length: int = Field(512, ge=8, le=8192, description="Token limit of a (query, passage) pair or a text.")
+    trust_remote_code: bool = Field(False, description="Allow the teacher's repository to run its own code.")
+
+
 class DataSpec(CamelModel):
     """Training pairs (FlagEmbedding JSONL or a Hugging Face dataset), the held-out split and mining."""
 
@@ -122,6 +142,9 @@ class DataSpec(CamelModel):
         None, gt=0, lt=1, description="Fraction of queries held out (seeded) as the evaluation set."
     )
     hard_negatives: HardNegativesSpec | None = Field(None, description="Mine hard negatives with the base model.")
+    teacher: TeacherSpec | None = Field(
+        None, description="Score every record's passages with a teacher model, for training.distillation."
+    )
 
     @field_validator("train", mode="before")
     @classmethod

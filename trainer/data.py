@@ -202,7 +202,11 @@ def check_distillable(loaded: LoadResult, group_size: int) -> None:
         )
 
 
-def ignored_scores_warning(loaded: LoadResult) -> str | None:
+IGNORED_SCORES = f"they are ignored unless {DISTILLATION_SETTING} is on"
+REPLACED_SCORES = "data.teacher's scores replace them"
+
+
+def ignored_scores_warning(loaded: LoadResult, fate: str = IGNORED_SCORES) -> str | None:
     """A warning when records carry teacher scores that training will not use."""
     scored = [where for record, where in zip(loaded.records, loaded.locations) if record.has_scores]
     if not scored:
@@ -210,7 +214,7 @@ def ignored_scores_warning(loaded: LoadResult) -> str | None:
     shown = ", ".join(scored[:WARNING_EXAMPLES]) + (", ..." if len(scored) > WARNING_EXAMPLES else "")
     return (
         f"{len(scored)} {'record carries' if len(scored) == 1 else 'records carry'} pos_scores/neg_scores "
-        f"({shown}); they are ignored unless {DISTILLATION_SETTING} is on"
+        f"({shown}); {fate}"
     )
 
 
@@ -458,13 +462,16 @@ def prepare_training_data(
     """Validate, split, mine hard negatives (with the base model `model` at `model_path`,
     when `spec.hardNegatives.mine`) and fill; write `train.jsonl` (and `eval/`) under out_dir.
     With `distillation`, every record must carry teacher scores for all the passages it trains
-    on; without it, scores in the data are dropped (with a warning).
+    on, unless `spec.teacher` scores them later (teacher.py); scores in the data that training
+    does not use are dropped (with a warning).
 
     Deterministic for the same inputs. With `reuse`, a preparation that another process on
     this machine just made from the same inputs is taken as it is (the data is read and mined
     once per machine, not once per GPU)."""
     mining = spec.hard_negatives is not None and spec.hard_negatives.mine
-    if distillation and mining:
+    if spec.teacher is not None and not distillation:
+        raise InputError(f"data.teacher: its scores train only with {DISTILLATION_SETTING} on")
+    if distillation and mining and spec.teacher is None:
         raise InputError(
             f"data.hardNegatives.mine: mined negatives have no teacher scores, which {DISTILLATION_SETTING} "
             "needs; set data.teacher to score them, or turn one of the two off"
@@ -494,9 +501,9 @@ def prepare_training_data(
         raise InputError("training data: no records")
     for warning in data_warnings(loaded):
         logger.warning("training data: %s", warning)
-    if distillation:
+    if distillation and spec.teacher is None:
         check_distillable(loaded, group_size)
-    elif warning := ignored_scores_warning(loaded):
+    elif warning := ignored_scores_warning(loaded, IGNORED_SCORES if spec.teacher is None else REPLACED_SCORES):
         logger.warning("training data: %s", warning)
         for record in loaded.records:
             record.drop_scores()

@@ -123,6 +123,21 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
     # rank 0's choice holds everywhere, so every node resumes the same step
     resumed = broadcast_from_rank0(resumed)
 
+    train_file = prepared.train_file
+    if config.data.teacher is not None:  # after mining and filling: the teacher scores every passage
+        from .teacher import teacher_scored_data
+
+        train_file = teacher_scored_data(
+            train_file,
+            config.data.teacher,
+            storage,
+            layout,
+            work / "teacher",
+            config.storage,
+            rank=rank,
+            local_rank=local_rank,
+        )
+
     eval_uri = None
     if prepared.eval_dir is not None:
         eval_uri = storage.uri_for(layout.eval_prefix)
@@ -137,7 +152,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         final_step, final_loss = resumed[0], None
     else:
         final_step, final_loss = _run_training(
-            config, training_args, store, model_path, prepared.train_file, reporters or [], resumed
+            config, training_args, store, model_path, train_file, reporters or [], resumed
         )
 
     model_uri = None
