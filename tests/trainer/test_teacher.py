@@ -3,11 +3,15 @@ are published to storage and reused."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from embedtune.trainer.config import DataSpec, TeacherSpec
@@ -75,3 +79,40 @@ def test_with_a_teacher_distillation_takes_filled_and_mined_negatives_and_withou
     assert prepared.negatives_added == 12
     with pytest.raises(InputError, match="data.teacher: its scores train only with training.distillation on"):
         prepare_training_data(spec, group_size=4, seed=0, out_dir=tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_two_ranks_mine_score_once_and_distill(tiny_model, tiny_reranker, tmp_path):
+    """BGE's whole recipe on 2 CPU ranks: mine -> score (rank 0, published) -> distill; a rerun
+    of the same data and teacher reuses the stored scores."""
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_records(40, negatives=1))
+    storage_dir = tmp_path / "storage"
+
+    def config(run_id: str):
+        path = tmp_path / f"trainer-{run_id}.yaml"
+        settings = {
+            "model": {"base": str(tiny_model), "queryMaxLength": 16, "passageMaxLength": 16},
+            "data": {
+                "train": str(train),
+                "hardNegatives": {"mine": True, "range": "2-20", "count": 2},
+                "teacher": {"model": str(tiny_reranker), "batchSize": 16},
+            },
+            "training": {"maxSteps": 2, "batchSizePerDevice": 4, "groupSize": 4, "distillation": {}},
+            "checkpoint": {"everySteps": 2},
+            "storage": {"uri": str(storage_dir)},
+            "run": {"namespace": "ml", "name": "tiny", "runId": run_id},
+            "workDir": str(tmp_path / f"work-{run_id}"),
+        }
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "embedtune.trainer.launch", "--standalone", "--nproc-per-node=2"]
+    for run_id, log in (("1", "teacher scores of 40 records stored"), ("2", "teacher scores reused")):
+        command = [*launch, "-m", "embedtune.trainer", "--config", str(config(run_id))]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert log in result.stderr
+    (scored,) = (storage_dir / "ml" / "tiny" / "teacher-scores").glob("*/train.jsonl")
+    records = list(iter_jsonl(scored))
+    assert len(records) == 40 and all(len(r["neg"]) == len(r["neg_scores"]) == 3 for r in records)
