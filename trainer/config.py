@@ -203,6 +203,16 @@ class DistillationSpec(CamelModel):
         return "kl_div" if self.loss_type == "klDiv" else "m3_kd_loss"
 
 
+class GradCacheSpec(CamelModel):
+    """Batches larger than memory (GradCache): the batch is encoded in mini-batches, keeping
+    only the embeddings; the loss sees the whole batch; each mini-batch is then encoded again,
+    one at a time, to pass the embeddings' gradients on to the weights."""
+
+    mini_batch_size: int = Field(
+        ge=1, description="Queries (with their groupSize passages each) encoded at once; the memory of one step."
+    )
+
+
 class TrainingSpec(CamelModel):
     """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
     other passage of the batch (of all ranks, with negativesCrossDevice)."""
@@ -235,6 +245,9 @@ class TrainingSpec(CamelModel):
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
     distillation: DistillationSpec | None = Field(
         None, description="Distil teacher scores (pos_scores/neg_scores of the data); off when unset."
+    )
+    grad_cache: GradCacheSpec | None = Field(
+        None, description="Encode the batch in mini-batches (GradCache): a batch larger than memory, the same loss."
     )
     mask_false_negatives: bool = Field(
         True,

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
     EncoderOnlyEmbedderTrainer,
     EncoderOnlyEmbedderTrainingArguments,
 )
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -58,11 +60,43 @@ class EmbedtuneDataArguments(EncoderOnlyEmbedderDataArguments):
     )
 
 
+@dataclass
+class EmbedtuneTrainingArguments(EncoderOnlyEmbedderTrainingArguments):
+    grad_cache_queries: int = field(
+        default=0, metadata={"help": "Queries per GradCache mini-batch; 0 encodes the whole batch at once."}
+    )
+
+
 class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
     # the step's false negatives, shaped as the score matrix its loss is computed on
     _false_negatives: torch.Tensor | None = None
+    # GradCache: queries per mini-batch (0: off), and the queries of the step being encoded
+    grad_cache_queries: int = 0
+    _batch_queries: int = 0
+
+    def encode(self, features):
+        """With GradCache, the batch in mini-batches, each under (non-reentrant) activation
+        checkpointing: the forward keeps only each mini-batch's embeddings; the backward, after
+        the loss over the whole batch, encodes each mini-batch again (RNG state restored, so
+        dropout matches) with its embeddings' gradients, one mini-batch at a time."""
+        if not (
+            self.grad_cache_queries and self.training and torch.is_grad_enabled() and isinstance(features, Mapping)
+        ):
+            return super().encode(features)
+        rows = features["attention_mask"].size(0)
+        step = self.grad_cache_queries * (rows // self._batch_queries)  # passages: groupSize rows per query
+        encode_all = super().encode
+        chunks = [
+            checkpoint(
+                encode_all, {key: value[start : start + step] for key, value in features.items()}, use_reentrant=False
+            )
+            for start in range(0, rows, step)
+        ]
+        if isinstance(chunks[0], list):  # Matryoshka: one tensor per dimension
+            return [torch.cat(parts) for parts in zip(*chunks)]
+        return torch.cat(chunks)
 
     def forward(
         self,
@@ -73,6 +107,8 @@ class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
         passage_hashes: torch.Tensor | None = None,
         positive_hashes: torch.Tensor | None = None,
     ):
+        if isinstance(queries, Mapping):  # a BatchEncoding; a list when FlagEmbedding made sub-batches
+            self._batch_queries = queries["attention_mask"].size(0)
         if self.training and passage_hashes is not None:
             if self.negatives_cross_device and not no_in_batch_neg_flag:
                 passage_hashes, positive_hashes = gather_hashes(passage_hashes, positive_hashes)
@@ -202,6 +238,7 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             sentence_pooling_method=args.sentence_pooling_method,
             normalize_embeddings=args.normalize_embeddings,
         )
+        model.grad_cache_queries = args.grad_cache_queries
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         return tokenizer, model
@@ -289,7 +326,7 @@ def build_model_and_data_arguments(config: TrainerConfig, model_path: str, train
     return model_args, data_args
 
 
-def build_training_arguments(config: TrainerConfig, output_dir: Path) -> EncoderOnlyEmbedderTrainingArguments:
+def build_training_arguments(config: TrainerConfig, output_dir: Path) -> EmbedtuneTrainingArguments:
     """FlagEmbedding's training arguments; creating them joins the process group."""
     t, m = config.training, config.model
     on_cpu = not torch.cuda.is_available()
@@ -298,7 +335,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         logger.warning("training.precision %s: no GPU here, training in fp32", precision)
         precision = "fp32"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return EncoderOnlyEmbedderTrainingArguments(
+    return EmbedtuneTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -308,6 +345,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         per_device_train_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         temperature=t.temperature,
+        grad_cache_queries=t.grad_cache.mini_batch_size if t.grad_cache else 0,
         **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills else {}),
         # FlagEmbedding refuses cross-device negatives without a process group
         negatives_cross_device=t.negatives_cross_device and world_size > 1,
