@@ -10,7 +10,14 @@ WORDS = [f"w{i}" for i in range(300)]
 
 
 def build_tiny_bert(
-    path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2, cross_encoder: bool = False
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    cross_encoder: bool = False,
+    dropout: float = 0.1,
 ) -> Path:
     """A tiny BERT encoder, or with `cross_encoder` a reranker: BERT with a one-logit head."""
     import torch
@@ -29,6 +36,8 @@ def build_tiny_bert(
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
         num_labels=1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     (BertForSequenceClassification if cross_encoder else BertModel)(config).save_pretrained(path)
     return path
