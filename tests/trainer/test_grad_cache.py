@@ -28,10 +28,15 @@ def train_file(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
-@pytest.mark.parametrize("mini_batch", [1, 3])
-def test_a_grad_cache_step_has_the_plain_steps_loss_and_gradients(tiny_model, train_file, mini_batch):
+@pytest.mark.parametrize(("mini_batch", "gradient_checkpointing"), [(1, False), (3, False), (3, True)])
+def test_a_grad_cache_step_has_the_plain_steps_loss_and_gradients(
+    tiny_model, train_file, mini_batch, gradient_checkpointing
+):
     random.seed(0)  # FlagEmbedding samples the negatives
     model = load_embedder(tiny_model)
+    if gradient_checkpointing:  # as the runner enables it: checkpoints inside each mini-batch
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     batch = hashed_batch(model, train_file, list(range(8)), group_size=4)
     loss_difference, gradient_difference = grad_cache_differences(model, batch, mini_batch)
     assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
