@@ -160,7 +160,7 @@ def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
         try:
             check_distillable(loaded, spec.training.group_size)
         except InputError as exc:
-            problems += [exc.summary, *exc.problems]
+            problems += exc.problems
     elif warning := ignored_scores_warning(loaded, IGNORED_SCORES if spec.data.teacher is None else REPLACED_SCORES):
         logger.warning("training data: %s", warning)
     if spec.data.hard_negatives is not None and spec.data.hard_negatives.mine:
