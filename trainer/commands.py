@@ -12,11 +12,11 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from .config import DEFAULT_STORAGE_RETRY_SECONDS, StorageAccess, problems_from_validation_error
+from .config import DEFAULT_STORAGE_RETRY_SECONDS, StorageAccess, TrainingField, problems_from_validation_error
 from .contract import EncodingSettings, EvaluationConfig, RunIdentity, TerminationMessage, load_config
 from .errors import (
     EXIT_INPUT_ERROR,
@@ -28,7 +28,7 @@ from .errors import (
 )
 from .storage import quiet_transport_loggers
 
-TRAINING_FIELDS = ("query", "pos", "neg", "prompt")
+TRAINING_FIELDS = get_args(TrainingField)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -63,7 +63,7 @@ class ModelSpec(CamelModel):
         return "last_token" if self.pooling == "lastToken" else self.pooling
 
 
-TrainingField = Literal["query", "pos", "neg", "prompt"]
+TrainingField = Literal["query", "pos", "neg", "prompt", "pos_scores", "neg_scores"]
 
 
 class HuggingFaceSource(CamelModel):

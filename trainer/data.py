@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageAccess
+from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageAccess, TrainingField
 from .errors import InputError
 from .jsonl import describe, read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
@@ -311,7 +311,7 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
         if source.split not in dataset:
             raise InputError(f"data.huggingFace.split: {source.split!r} not in dataset (has: {', '.join(dataset)})")
         dataset = dataset[source.split]
-    mapping = {name: source.columns.get(name, name) for name in ("query", "pos", "neg", "prompt")}
+    mapping = {name: source.columns.get(name, name) for name in get_args(TrainingField)}
     missing = [
         f"data.huggingFace.columns.{target}: column {column!r} not in dataset (has: {', '.join(dataset.column_names)})"
         for target, column in mapping.items()

@@ -7,6 +7,8 @@ What the subclasses change, and why:
 - the model masks false negatives (false_negatives.py): the dataset and collator add text
   hashes to the batch, and the scores of passages equal to a query's own positives are
   masked before FlagEmbedding's loss;
+- with GradCache (training.gradCache) the model encodes the batch in checkpointed
+  mini-batches, so a batch larger than memory trains with the same loss and gradients;
 - the trainer saves only on the process that should (FlagEmbedding writes on every rank
   without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
   checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from embedtune.operator.cli import main as cli
-from embedtune.trainer.config import DataSpec
+from embedtune.trainer.config import DataSpec, HuggingFaceSource
 from embedtune.trainer.contract import TrainerConfig
-from embedtune.trainer.data import iter_jsonl, prepare_training_data
+from embedtune.trainer.data import iter_jsonl, load_hugging_face, prepare_training_data
 from embedtune.trainer.errors import InputError
 from embedtune.trainer.runner import EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments
 from support.tiny import synthetic_records, write_jsonl
@@ -116,3 +116,26 @@ def test_flagembedding_trains_on_the_scores_with_distillation(tiny_model, tmp_pa
         distilled = runner.model(**batch).loss
         plain = runner.model(**(batch | {"teacher_scores": None})).loss
     assert torch.isfinite(distilled) and abs(distilled.item() - plain.item()) > 1e-3
+
+
+def test_scores_are_read_from_a_hugging_face_dataset_through_the_column_mapping(tmp_path):
+    import datasets
+
+    rows = scored_records(3)
+    datasets.Dataset.from_list(
+        [
+            {
+                "question": r["query"],
+                "pos": r["pos"],
+                "neg": r["neg"],
+                "teacher_neg": r["neg_scores"],
+                "pos_scores": [1.0],
+            }
+            for r in rows
+        ]
+    ).save_to_disk(str(tmp_path / "hf"))
+    loaded = load_hugging_face(
+        HuggingFaceSource(path=str(tmp_path / "hf"), columns={"query": "question", "neg_scores": "teacher_neg"})
+    )
+    assert not loaded.problems
+    assert [(r.pos_scores, r.neg_scores) for r in loaded.records] == [([1.0], r["neg_scores"]) for r in rows]
