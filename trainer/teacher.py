@@ -53,8 +53,9 @@ def teacher_scored_data(
 ) -> Path:
     """The training file with every record's `pos_scores`/`neg_scores` from the teacher; every
     rank must call it together. Rank 0 scores and publishes unless storage has the scores."""
-    prefix = layout.teacher_scores_prefix(teacher_fingerprint(train_file, teacher))
-    local = work_dir / "scored"
+    fingerprint = teacher_fingerprint(train_file, teacher)
+    prefix = layout.teacher_scores_prefix(fingerprint)
+    local = work_dir / fingerprint  # a work dir kept from a run of other data never answers for this one
     if rank == 0 and not is_published(storage, prefix):
         records = list(iter_jsonl(train_file))
         model_path = fetch_to_local(teacher.model, work_dir / "model", access)

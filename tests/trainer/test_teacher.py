@@ -69,7 +69,7 @@ def test_scores_are_published_once_and_reused_by_a_rerun_of_the_same_data_and_te
     assert list(iter_jsonl(teacher_scored_data(train, teacher, storage, rerun, tmp_path / "work2"))) == scored
     write_jsonl(train, synthetic_records(7, negatives=2))  # other data: scored again (and the teacher is gone)
     with pytest.raises(InputError, match="data.teacher.model"):
-        teacher_scored_data(train, teacher, storage, layout, tmp_path / "work3")
+        teacher_scored_data(train, teacher, storage, layout, tmp_path / "work1")
 
 
 def test_with_a_teacher_distillation_takes_filled_and_mined_negatives_and_without_distillation_refuses(tmp_path):
