@@ -38,6 +38,12 @@ _CEL_RULES: list[tuple[tuple[str, ...], str, str]] = [
         "(has(self.train) && size(self.train) > 0) != has(self.huggingFace)",
         "set exactly one of `train` or `huggingFace`",
     ),
+    (
+        (),
+        "!has(self.data.teacher) || (has(self.training) && has(self.training.distillation) && "
+        "(!has(self.training.distillation.enabled) || self.training.distillation.enabled))",
+        "data.teacher: its scores train only with training.distillation on",
+    ),
     (("storage",), "self.uri.startsWith('s3://')", "uri: must be an s3:// URI; pods share nothing else"),
     (
         ("data",),

@@ -136,7 +136,13 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
     """Every problem of the base model, the training data, the candidate pool and the evaluation
     set, before anything runs."""
-    from embedtune.trainer.data import load_training_data
+    from embedtune.trainer.data import (
+        IGNORED_SCORES,
+        REPLACED_SCORES,
+        check_distillable,
+        ignored_scores_warning,
+        load_training_data,
+    )
     from embedtune.trainer.evalset import load_eval_set
     from embedtune.trainer.mining import fetch_candidates
     from embedtune.trainer.model_loading import load_tokenizer_and_encoder
@@ -150,6 +156,13 @@ def check_inputs(spec: EmbeddingFinetuneSpec, scratch: Path) -> None:
         problems.append(exc.summary)
     loaded = load_training_data(spec.data.for_trainer(), scratch / "data", spec.storage)
     problems += loaded.problems
+    if spec.training.distills and spec.data.teacher is None and not loaded.problems:
+        try:
+            check_distillable(loaded, spec.training.group_size)
+        except InputError as exc:
+            problems += exc.problems
+    elif warning := ignored_scores_warning(loaded, IGNORED_SCORES if spec.data.teacher is None else REPLACED_SCORES):
+        logger.warning("training data: %s", warning)
     if spec.data.hard_negatives is not None and spec.data.hard_negatives.mine:
         try:
             fetch_candidates(spec.data.hard_negatives, scratch / "candidates", spec.storage)

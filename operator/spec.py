@@ -180,6 +180,8 @@ def cross_field_problems(spec: EmbeddingFinetuneSpec, *, on_cluster: bool = True
             problems.append("spec.evaluation.retention: must be an s3:// URI on a cluster")
     if spec.evaluation.enabled and (spec.data.held_out_fraction is None) == (spec.data.eval is None):
         problems.append("spec.data: set exactly one of `heldOutFraction` or `eval` when evaluation is enabled")
+    if spec.data.teacher is not None and not spec.training.distills:
+        problems.append("spec.data.teacher: its scores train only with training.distillation on")
     if spec.evaluation.gate is not None:
         match = _GATE_METRIC.match(spec.evaluation.gate.metric)
         if match and int(match.group(2)) not in spec.evaluation.k_values:

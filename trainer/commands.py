@@ -12,11 +12,11 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from .config import DEFAULT_STORAGE_RETRY_SECONDS, StorageAccess, problems_from_validation_error
+from .config import DEFAULT_STORAGE_RETRY_SECONDS, StorageAccess, TrainingField, problems_from_validation_error
 from .contract import EncodingSettings, EvaluationConfig, RunIdentity, TerminationMessage, load_config
 from .errors import (
     EXIT_INPUT_ERROR,
@@ -28,7 +28,7 @@ from .errors import (
 )
 from .storage import quiet_transport_loggers
 
-TRAINING_FIELDS = ("query", "pos", "neg", "prompt")
+TRAINING_FIELDS = get_args(TrainingField)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -98,12 +98,26 @@ def _add_check_data(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="also check there are enough distinct passages to fill groupSize-1 negatives",
     )
+    parser.add_argument(
+        "--distillation",
+        action="store_true",
+        help="check the data for training.distillation: every record carries pos_scores/neg_scores "
+        "(and, with --group-size, enough scored negatives)",
+    )
     parser.set_defaults(func=_check_data)
 
 
 def _check_data(args: argparse.Namespace) -> int:
     from .config import HuggingFaceSource
-    from .data import LoadResult, data_warnings, fill_negatives, load_hugging_face, load_jsonl
+    from .data import (
+        LoadResult,
+        check_distillable,
+        data_warnings,
+        fill_negatives,
+        ignored_scores_warning,
+        load_hugging_face,
+        load_jsonl,
+    )
     from .mining import load_candidates
 
     columns = {}
@@ -127,11 +141,19 @@ def _check_data(args: argparse.Namespace) -> int:
             candidates = load_candidates(args.candidates)
         except InputError as exc:
             total.problems += exc.problems
+    if not total.problems and args.distillation:
+        try:
+            check_distillable(total, args.group_size or 1)
+        except InputError as exc:
+            total.problems += exc.problems
     if not total.problems and args.group_size:
         fill_negatives(total.records, args.group_size, seed=0)
     for problem in total.problems:
         print(problem)
-    for warning in data_warnings(total):
+    warnings = data_warnings(total)
+    if not args.distillation and (ignored := ignored_scores_warning(total)):
+        warnings.append(f"{ignored} (check-data --distillation checks them)")
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     inputs = len(args.paths) + bool(args.candidates)
     if total.problems:

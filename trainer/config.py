@@ -125,7 +125,7 @@ class ModelSpec(CamelModel):
         return spec.model_copy(update={"pooling": spec.effective_pooling})
 
 
-TrainingField = Literal["query", "pos", "neg", "prompt"]
+TrainingField = Literal["query", "pos", "neg", "prompt", "pos_scores", "neg_scores"]
 
 
 class HuggingFaceSource(CamelModel):
@@ -172,6 +172,26 @@ class HardNegativesSpec(CamelModel):
         return value
 
 
+TeacherKind = Literal["crossEncoder", "embedder"]
+
+
+class TeacherSpec(CamelModel):
+    """A model that scores every record's positives and negatives before training (after mining
+    and filling), for training.distillation."""
+
+    model: str = Field(
+        description="Hugging Face model id, local path, storage URI, or package://NAME/PATH, as model.base."
+    )
+    kind: TeacherKind = Field(
+        "crossEncoder",
+        description="crossEncoder: a reranker scoring (query, passage) pairs, its single logit the score; "
+        "embedder: an embedding model, the similarity of query and passage vectors the score.",
+    )
+    batch_size: int = Field(64, ge=1, le=65536, description="Pairs (or texts) scored per forward pass.")
+    max_length: int = Field(512, ge=8, le=8192, description="Token limit of a (query, passage) pair or a text.")
+    trust_remote_code: bool = Field(False, description="Allow the teacher's repository to run its own code.")
+
+
 class DataSpec(CamelModel):
     """Training pairs (FlagEmbedding JSONL or a Hugging Face dataset), the held-out split and mining."""
 
@@ -184,6 +204,9 @@ class DataSpec(CamelModel):
         None, gt=0, lt=1, description="Fraction of queries held out (seeded) as the evaluation set."
     )
     hard_negatives: HardNegativesSpec | None = Field(None, description="Mine hard negatives with the base model.")
+    teacher: TeacherSpec | None = Field(
+        None, description="Score every record's passages with a teacher model, for training.distillation."
+    )
 
     @field_validator("train", mode="before")
     @classmethod
@@ -236,6 +259,34 @@ class UnifiedFinetuningSpec(CamelModel):
     freeze_encoder: bool = Field(False, description="Train only the sparse and ColBERT heads; the encoder stays fixed.")
 
 
+DistillationLoss = Literal["klDiv", "m3KdLoss"]
+
+
+class DistillationSpec(CamelModel):
+    """Knowledge distillation from teacher scores (`pos_scores`/`neg_scores` of every record)."""
+
+    enabled: bool = Field(True, description="Train towards the teacher's scores; every record must carry them.")
+    loss_type: DistillationLoss = Field(
+        "klDiv",
+        description="klDiv: KL divergence to the teacher's distribution over the query's own group, plus the "
+        "contrastive loss; m3KdLoss: bge-m3's teacher-weighted contrastive loss over the whole batch.",
+    )
+
+    @property
+    def flagembedding_loss(self) -> str:
+        return "kl_div" if self.loss_type == "klDiv" else "m3_kd_loss"
+
+
+class GradCacheSpec(CamelModel):
+    """Batches larger than memory (GradCache): the batch is encoded in mini-batches, keeping
+    only the embeddings; the loss sees the whole batch; each mini-batch is then encoded again,
+    one at a time, to pass the embeddings' gradients on to the weights."""
+
+    mini_batch_size: int = Field(
+        ge=1, description="Queries (with their groupSize passages each) encoded at once; the memory of one step."
+    )
+
+
 class TrainingSpec(CamelModel):
     """Contrastive (InfoNCE) training: each query against its positive, its negatives and every
     other passage of the batch (of all ranks, with negativesCrossDevice)."""
@@ -269,6 +320,21 @@ class TrainingSpec(CamelModel):
     unified: UnifiedFinetuningSpec | None = Field(
         None, description="bge-m3's unified fine-tuning settings (when model.outputs adds sparse and colbert)."
     )
+    distillation: DistillationSpec | None = Field(
+        None, description="Distil teacher scores (pos_scores/neg_scores of the data); off when unset."
+    )
+    grad_cache: GradCacheSpec | None = Field(
+        None, description="Encode the batch in mini-batches (GradCache): a batch larger than memory, the same loss."
+    )
+    mask_false_negatives: bool = Field(
+        True,
+        description="Leave out of a query's negatives every passage (of the batch, of every rank) whose text "
+        "equals one of that query's positives, so queries sharing an answer are not trained away from it.",
+    )
+
+    @property
+    def distills(self) -> bool:
+        return self.distillation is not None and self.distillation.enabled
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -292,6 +358,11 @@ def model_training_problems(model: ModelSpec, training: TrainingSpec) -> list[st
         problems.append(
             "model.lora: bge-m3's unified fine-tuning trains every weight; remove model.lora or train "
             "model.outputs [dense]"
+        )
+    if training.grad_cache is not None and (model.unified or model.family == "decoder"):
+        problems.append(
+            "training.gradCache: GradCache is implemented for encoders trained with model.outputs [dense]; "
+            "remove it, or use training.gradientCheckpointing to save memory"
         )
     if model.unified and model.family == "decoder":
         problems.append("model.outputs: sparse and colbert are bge-m3's (an encoder's); a decoder trains [dense]")

@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageAccess
+from .config import DataSpec, HuggingFaceSource, ModelSpec, StorageAccess, TrainingField
 from .errors import InputError
 from .jsonl import describe, read_json_lines, text_problem, type_name
 from .storage import fetch_to_local
@@ -37,11 +37,27 @@ class Record:
     pos: list[str]
     neg: list[str] = field(default_factory=list)
     prompt: str | None = None
+    # a teacher's score of each passage, as distillation trains towards them
+    pos_scores: list[float] | None = None
+    neg_scores: list[float] | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.pos_scores is not None and (self.neg_scores is not None or not self.neg)
+
+    @property
+    def has_scores(self) -> bool:
+        return self.pos_scores is not None or self.neg_scores is not None
+
+    def drop_scores(self) -> None:
+        self.pos_scores = self.neg_scores = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"query": self.query, "pos": self.pos, "neg": self.neg}
         if self.prompt is not None:
             out["prompt"] = self.prompt
+        if self.scored:  # FlagEmbedding reads both lists of every record, or none
+            out["pos_scores"], out["neg_scores"] = self.pos_scores, self.neg_scores or []
         return out
 
 
@@ -129,9 +145,77 @@ def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
         result.problems += [f"{where}: {problem}" for problem in found]
         return
     result.records.append(
-        Record(query=obj["query"], pos=list(obj["pos"]), neg=list(obj.get("neg") or []), prompt=obj.get("prompt"))
+        Record(
+            query=obj["query"],
+            pos=list(obj["pos"]),
+            neg=list(obj.get("neg") or []),
+            prompt=obj.get("prompt"),
+            pos_scores=_floats(obj.get("pos_scores")),
+            neg_scores=_floats(obj.get("neg_scores")),
+        )
     )
     result.locations.append(where)
+
+
+def _floats(numbers: list[int | float] | None) -> list[float] | None:
+    return None if numbers is None else [float(n) for n in numbers]
+
+
+# --- teacher scores ----------------------------------------------------------------------
+
+DISTILLATION_SETTING = "training.distillation"
+
+
+def unscored_records(loaded: LoadResult) -> list[str]:
+    """`FILE:LINE: ...` for every record that lacks the teacher scores distillation trains on."""
+    problems = []
+    for record, where in zip(loaded.records, loaded.locations):
+        missing = [scores for scores, passages in SCORE_LISTS.items() if _needs(record, scores, passages)]
+        if missing:
+            problems.append(
+                f"{where}: {' and '.join(missing)}: missing ({DISTILLATION_SETTING} is on: every record needs a "
+                "teacher score for each of its passages, or set data.teacher to score them)"
+            )
+    return problems
+
+
+def _needs(record: Record, scores: str, passages: str) -> bool:
+    return getattr(record, scores) is None and (passages == "pos" or bool(record.neg))
+
+
+def check_distillable(loaded: LoadResult, group_size: int) -> None:
+    """Raise an InputError naming every record distillation cannot train on as it is: one
+    without scores, or one short of negatives (negatives filled at random have no score)."""
+    if problems := unscored_records(loaded):
+        raise InputError(f"{DISTILLATION_SETTING}: {len(problems)} records have no teacher scores", problems)
+    need = group_size - 1
+    short = [
+        f"{where}: neg: {len(record.neg)} scored negatives, training.groupSize {group_size} needs {need}"
+        for record, where in zip(loaded.records, loaded.locations)
+        if len(record.neg) < need
+    ]
+    if short:
+        raise InputError(
+            f"{DISTILLATION_SETTING}: {len(short)} records have too few negatives, and negatives filled at random "
+            "have no teacher scores; add scored negatives, lower training.groupSize, or set data.teacher to score them",
+            short,
+        )
+
+
+IGNORED_SCORES = f"they are ignored unless {DISTILLATION_SETTING} is on"
+REPLACED_SCORES = "data.teacher's scores replace them"
+
+
+def ignored_scores_warning(loaded: LoadResult, fate: str = IGNORED_SCORES) -> str | None:
+    """A warning when records carry teacher scores that training will not use."""
+    scored = [where for record, where in zip(loaded.records, loaded.locations) if record.has_scores]
+    if not scored:
+        return None
+    shown = ", ".join(scored[:WARNING_EXAMPLES]) + (", ..." if len(scored) > WARNING_EXAMPLES else "")
+    return (
+        f"{len(scored)} {'record carries' if len(scored) == 1 else 'records carry'} pos_scores/neg_scores "
+        f"({shown}); {fate}"
+    )
 
 
 # Valid records that teach nothing, or teach it twice: reported, counted by kind, never refused.
@@ -227,7 +311,7 @@ def load_hugging_face(source: HuggingFaceSource) -> LoadResult:
         if source.split not in dataset:
             raise InputError(f"data.huggingFace.split: {source.split!r} not in dataset (has: {', '.join(dataset)})")
         dataset = dataset[source.split]
-    mapping = {name: source.columns.get(name, name) for name in ("query", "pos", "neg", "prompt")}
+    mapping = {name: source.columns.get(name, name) for name in get_args(TrainingField)}
     missing = [
         f"data.huggingFace.columns.{target}: column {column!r} not in dataset (has: {', '.join(dataset.column_names)})"
         for target, column in mapping.items()
@@ -373,17 +457,28 @@ def prepare_training_data(
     model: ModelSpec | None = None,
     model_path: str | Path | None = None,
     reuse: bool = False,
+    distillation: bool = False,
 ) -> PreparedData:
     """Validate, split, mine hard negatives (with the base model `model` at `model_path`,
     when `spec.hardNegatives.mine`) and fill; write `train.jsonl` (and `eval/`) under out_dir.
+    With `distillation`, every record must carry teacher scores for all the passages it trains
+    on, unless `spec.teacher` scores them later (teacher.py); scores in the data that training
+    does not use are dropped (with a warning).
 
     Deterministic for the same inputs. With `reuse`, a preparation that another process on
     this machine just made from the same inputs is taken as it is (the data is read and mined
     once per machine, not once per GPU)."""
     mining = spec.hard_negatives is not None and spec.hard_negatives.mine
+    if spec.teacher is not None and not distillation:
+        raise InputError(f"data.teacher: its scores train only with {DISTILLATION_SETTING} on")
+    if distillation and mining and spec.teacher is None:
+        raise InputError(
+            f"data.hardNegatives.mine: mined negatives have no teacher scores, which {DISTILLATION_SETTING} "
+            "needs; set data.teacher to score them, or turn one of the two off"
+        )
     if mining and (model is None or model_path is None):
         raise ValueError("hard-negative mining needs the base model: pass model and model_path")
-    inputs = [spec.to_dict(), group_size, seed] + ([model.to_dict()] if mining else [])
+    inputs = [spec.to_dict(), group_size, seed, distillation] + ([model.to_dict()] if mining else [])
     fingerprint = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     summary_file = out_dir / "prepared.json"
     if reuse and summary_file.exists():
@@ -406,6 +501,12 @@ def prepare_training_data(
         raise InputError("training data: no records")
     for warning in data_warnings(loaded):
         logger.warning("training data: %s", warning)
+    if distillation and spec.teacher is None:
+        check_distillable(loaded, group_size)
+    elif warning := ignored_scores_warning(loaded, IGNORED_SCORES if spec.teacher is None else REPLACED_SCORES):
+        logger.warning("training data: %s", warning)
+        for record in loaded.records:
+            record.drop_scores()
     records, eval_set = loaded.records, None
     if spec.held_out_fraction:
         records, eval_set = split_held_out(records, spec.held_out_fraction, seed)

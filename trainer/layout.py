@@ -6,6 +6,8 @@ the operator imports it to put URIs into status.
     <storage>/<namespace>/<name>/run-<runId>/checkpoints/checkpoint-<step>/_COMPLETE.json
     <storage>/<namespace>/<name>/run-<runId>/model/            (sentence-transformers layout)
     <storage>/<namespace>/<name>/run-<runId>/eval/             (queries, corpus, qrels)
+    <storage>/<namespace>/<name>/teacher-scores/<fingerprint>/ (training data scored by data.teacher,
+                                                                shared by the runs of the same data and teacher)
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class RunLayout:
     @property
     def eval_prefix(self) -> str:
         return join(self.run_prefix, "eval")
+
+    def teacher_scores_prefix(self, fingerprint: str) -> str:
+        return join(self.namespace, self.name, "teacher-scores", fingerprint)
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -124,6 +124,6 @@ def build_m3_training_arguments(config: TrainerConfig, output_dir: Path) -> Enco
         use_self_distill=unified.self_distill,
         self_distill_start_step=unified.self_distill_start_step,
         fix_encoder=unified.freeze_encoder,
-        # the loss FlagEmbedding's M3 recipe distills teacher scores with
-        kd_loss_type="m3_kd_loss",
+        # the loss FlagEmbedding's M3 recipe distills teacher scores with, unless training.distillation names one
+        **({} if config.training.distills else {"kd_loss_type": "m3_kd_loss"}),
     )

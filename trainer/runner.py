@@ -4,6 +4,11 @@ subclassing its concrete runner, model and trainer, and adding Trainer callbacks
 What the subclasses change, and why:
 - the model records the shape of its first score matrix, so the log states how many
   passages each query was scored against (proof that cross-device negatives are on);
+- the model masks false negatives (false_negatives.py): the dataset and collator add text
+  hashes to the batch, and the scores of passages equal to a query's own positives are
+  masked before FlagEmbedding's loss;
+- with GradCache (training.gradCache) the model encodes the batch in checkpointed
+  mini-batches, so a batch larger than memory trains with the same loss and gradients;
 - the trainer saves only on the process that should (FlagEmbedding writes on every rank
   without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
   checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it
@@ -16,10 +21,13 @@ What the subclasses change, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
@@ -33,6 +41,7 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
     EncoderOnlyEmbedderTrainer,
     EncoderOnlyEmbedderTrainingArguments,
 )
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -40,6 +49,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from .checkpoints import CheckpointUploader
 from .config import LoraSpec
 from .contract import TrainerConfig
+from .false_negatives import PassageHashingCollator, PositiveHashingDataset, false_negatives, gather_hashes
 from .lora import add_lora, is_adapter_checkpoint, load_adapter_weights
 from .model_loading import load_tokenizer_and_encoder
 from .progress import ThrottledReporter, progress_from_log
@@ -63,8 +73,77 @@ class ScoreShapeMixin:
         return scores
 
 
+@dataclass
+class EmbedtuneDataArguments(EncoderOnlyEmbedderDataArguments):
+    mask_false_negatives: bool = field(
+        default=True, metadata={"help": "Mask the scores of passages equal to one of the query's positives."}
+    )
+
+
+@dataclass
+class EmbedtuneTrainingArguments(EncoderOnlyEmbedderTrainingArguments):
+    grad_cache_queries: int = field(
+        default=0, metadata={"help": "Queries per GradCache mini-batch; 0 encodes the whole batch at once."}
+    )
+
+
 class EmbedtuneEmbedderModel(ScoreShapeMixin, BiEncoderOnlyEmbedderModel):
-    """FlagEmbedding's dense bi-encoder, logging its score shape."""
+    """FlagEmbedding's dense bi-encoder: logs its score shape, masks false negatives, and
+    encodes in GradCache mini-batches when asked."""
+
+    # the step's false negatives, shaped as the score matrix its loss is computed on
+    _false_negatives: torch.Tensor | None = None
+    # GradCache: queries per mini-batch (0: off), and the queries of the step being encoded
+    grad_cache_queries: int = 0
+    _batch_queries: int = 0
+
+    def encode(self, features):
+        """With GradCache, the batch in mini-batches, each under (non-reentrant) activation
+        checkpointing: the forward keeps only each mini-batch's embeddings; the backward, after
+        the loss over the whole batch, encodes each mini-batch again (RNG state restored, so
+        dropout matches) with its embeddings' gradients, one mini-batch at a time."""
+        if not (
+            self.grad_cache_queries and self.training and torch.is_grad_enabled() and isinstance(features, Mapping)
+        ):
+            return super().encode(features)
+        rows = features["attention_mask"].size(0)
+        step = self.grad_cache_queries * (rows // self._batch_queries)  # passages: groupSize rows per query
+        encode_all = super().encode
+        chunks = [
+            checkpoint(
+                encode_all, {key: value[start : start + step] for key, value in features.items()}, use_reentrant=False
+            )
+            for start in range(0, rows, step)
+        ]
+        if isinstance(chunks[0], list):  # Matryoshka: one tensor per dimension
+            return [torch.cat(parts) for parts in zip(*chunks)]
+        return torch.cat(chunks)
+
+    def forward(
+        self,
+        queries=None,
+        passages=None,
+        teacher_scores=None,
+        no_in_batch_neg_flag: bool = False,
+        passage_hashes: torch.Tensor | None = None,
+        positive_hashes: torch.Tensor | None = None,
+    ):
+        if isinstance(queries, Mapping):  # a BatchEncoding; a list when FlagEmbedding made sub-batches
+            self._batch_queries = queries["attention_mask"].size(0)
+        if self.training and passage_hashes is not None:
+            if self.negatives_cross_device and not no_in_batch_neg_flag:
+                passage_hashes, positive_hashes = gather_hashes(passage_hashes, positive_hashes)
+            self._false_negatives = false_negatives(passage_hashes, positive_hashes)
+        try:
+            return super().forward(queries, passages, teacher_scores, no_in_batch_neg_flag)
+        finally:
+            self._false_negatives = None
+
+    def compute_score(self, q_reps, p_reps, *args, **kwargs):
+        scores = super().compute_score(q_reps, p_reps, *args, **kwargs)
+        if self._false_negatives is not None:
+            scores = scores.masked_fill(self._false_negatives, torch.finfo(scores.dtype).min)
+        return scores
 
 
 class ProcessedCounter:
@@ -208,7 +287,25 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
     trainer_class = EmbedtuneTrainer
 
     def load_tokenizer_and_model(self):
-        return load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
+        tokenizer, model = load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
+        model.grad_cache_queries = self.training_args.grad_cache_queries
+        return tokenizer, model
+
+    @property
+    def masks_false_negatives(self) -> bool:
+        # FlagEmbedding's same-dataset batches come from another dataset class, which hashes nothing
+        return self.data_args.mask_false_negatives and not self.data_args.same_dataset_within_batch
+
+    def load_train_dataset(self):
+        if not self.masks_false_negatives:
+            return super().load_train_dataset()
+        return PositiveHashingDataset(args=self.data_args, tokenizer=self.tokenizer)
+
+    def load_data_collator(self):
+        collator = super().load_data_collator()
+        if not self.masks_false_negatives:
+            return collator
+        return PassageHashingCollator(**{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)})
 
 
 def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: bool):
@@ -285,13 +382,15 @@ def build_model_and_data_arguments(
     model_args = arguments_class(
         model_name_or_path=model_path, trust_remote_code=m.trust_remote_code, **family_arguments
     )
-    data_args = EncoderOnlyEmbedderDataArguments(
+    data_args = EmbedtuneDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
         query_max_len=m.query_max_length,
         passage_max_len=m.passage_max_length,
         query_instruction_for_retrieval=m.query_instruction,
         passage_instruction_for_retrieval=m.passage_instruction,
+        knowledge_distillation=t.distills,
+        mask_false_negatives=t.mask_false_negatives,
     )
     return model_args, data_args
 
@@ -299,7 +398,7 @@ def build_model_and_data_arguments(
 def build_training_arguments(
     config: TrainerConfig,
     output_dir: Path,
-    arguments_class: type[EncoderOnlyEmbedderTrainingArguments] = EncoderOnlyEmbedderTrainingArguments,
+    arguments_class: type[EncoderOnlyEmbedderTrainingArguments] = EmbedtuneTrainingArguments,
     **family_arguments,
 ) -> EncoderOnlyEmbedderTrainingArguments:
     """FlagEmbedding's training arguments (`arguments_class`, with a runner family's own
@@ -321,6 +420,9 @@ def build_training_arguments(
         per_device_train_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         temperature=t.temperature,
+        # only the encoder family's arguments know GradCache (model_training_problems)
+        **({"grad_cache_queries": t.grad_cache.mini_batch_size} if t.grad_cache else {}),
+        **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills else {}),
         # FlagEmbedding refuses cross-device negatives without a process group
         negatives_cross_device=t.negatives_cross_device and world_size > 1,
         sentence_pooling_method=m.flagembedding_pooling,

@@ -119,11 +119,27 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
             model=config.model,
             model_path=model_path,
             reuse=local_rank != 0,
+            distillation=config.training.distills,
         )
         if local_rank == 0:
             resumed = _restore_latest_checkpoint(store, output_dir, config.training.max_steps)
     # rank 0's choice holds everywhere, so every node resumes the same step
     resumed = broadcast_from_rank0(resumed)
+
+    train_file = prepared.train_file
+    if config.data.teacher is not None:  # after mining and filling: the teacher scores every passage
+        from .teacher import teacher_scored_data
+
+        train_file = teacher_scored_data(
+            train_file,
+            config.data.teacher,
+            storage,
+            layout,
+            work / "teacher",
+            config.storage,
+            rank=rank,
+            local_rank=local_rank,
+        )
 
     eval_uri = None
     if prepared.eval_dir is not None:
@@ -139,7 +155,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         final_step, final_loss = resumed[0], None
     else:
         final_step, final_loss = _run_training(
-            config, training_args, store, model_path, prepared.train_file, reporters or [], resumed
+            config, training_args, store, model_path, train_file, reporters or [], resumed
         )
 
     model_uri = None

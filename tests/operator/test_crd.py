@@ -187,6 +187,17 @@ def test_examples_pass_the_cel_rules(manifest):
         ({"data": {"train": ["s3://d/t.jsonl"], "eval": "file:///e"}}, "eval: must be an s3:// URI on a cluster"),
         ({"evaluation": {"gate": {"metric": "ndcg@5"}}}, "gate.metric: k must be one of kValues"),
         ({"evaluation": {"kValues": [5], "gate": {"metric": "recall@10"}}}, "gate.metric: k must be one of kValues"),
+        (
+            {"data": {"train": ["s3://d/t.jsonl"], "heldOutFraction": 0.1, "teacher": {"model": "s3://m/r"}}},
+            "data.teacher: its scores train only with training.distillation on",
+        ),
+        (
+            {
+                "data": {"train": ["s3://d/t.jsonl"], "heldOutFraction": 0.1, "teacher": {"model": "s3://m/r"}},
+                "training": {"distillation": {"enabled": False}},
+            },
+            "data.teacher: its scores train only with training.distillation on",
+        ),
     ],
 )
 def test_cel_rules_refuse_what_the_operator_refuses(overrides, message):

@@ -290,6 +290,32 @@ def test_the_candidate_pool_is_checked_with_the_data_before_anything_runs(tmp_pa
     ]
 
 
+def test_with_distillation_records_without_scores_are_listed_before_anything_runs(tmp_path, tiny_model):
+    rows = [
+        {"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": [0]},
+        {"query": "r", "pos": ["s"]},
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    manifest = {
+        "apiVersion": "embedtune.io/v1alpha1",
+        "kind": "EmbeddingFinetune",
+        "metadata": {"name": "distil"},
+        "spec": {
+            "model": {"base": str(tiny_model)},
+            "data": {"train": "train.jsonl"},
+            "training": {"groupSize": 2, "distillation": {}},
+            "evaluation": {"enabled": False},
+        },
+    }
+    spec = parse_finetune(localize(manifest, tmp_path, str(tmp_path / "runs")), on_cluster=False)
+    with pytest.raises(InputError) as caught:
+        check_inputs(spec, tmp_path / "scratch")
+    assert caught.value.problems == [
+        f"{tmp_path / 'train.jsonl'}:2: pos_scores: missing (training.distillation is on: every record needs a "
+        "teacher score for each of its passages, or set data.teacher to score them)"
+    ]
+
+
 def test_a_base_model_that_cannot_load_is_listed_with_the_data_problems_before_anything_runs(tmp_path, tiny_model):
     (tmp_path / "empty-model").mkdir()
     manifest_path = write_manifest(tmp_path, tmp_path / "empty-model")

@@ -9,9 +9,19 @@ from pathlib import Path
 WORDS = [f"w{i}" for i in range(300)]
 
 
-def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
+def build_tiny_bert(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    cross_encoder: bool = False,
+    dropout: float = 0.1,
+) -> Path:
+    """A tiny BERT encoder, or with `cross_encoder` a reranker: BERT with a one-logit head."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "what", "is", "about"]
@@ -25,8 +35,11 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
         num_attention_heads=heads,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        num_labels=1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
-    BertModel(config).save_pretrained(path)
+    (BertForSequenceClassification if cross_encoder else BertModel)(config).save_pretrained(path)
     return path
 
 

@@ -43,7 +43,9 @@ def test_a_model_with_non_finite_weights_is_never_exported_or_stored(tiny_model,
     )
     storage = open_storage(config.storage.uri)
     with pytest.raises(InputError) as caught:
-        _publish_model(config, storage, RunLayout("ml", "tiny", "1"), checkpoint, {"step": 4})
+        _publish_model(
+            config, storage, RunLayout("ml", "tiny", "1"), str(tiny_model), checkpoint, tmp_path / "unused.jsonl", {}
+        )
     assert caught.value.summary.startswith(
         "training diverged: the final checkpoint (checkpoint-4) has non-finite weights "
         "(encoder.layer.1.output.dense.bias). Training stopped and stored no model."

@@ -1,0 +1,66 @@
+"""GradCache: encoding the batch in mini-batches changes the memory of a step, not its loss or
+its gradients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from support.embedder import (
+    grad_cache_differences,
+    grad_cache_differences_on_rank,
+    hashed_batch,
+    load_embedder,
+    loss_and_gradients,
+)
+from support.ranks import run_on_ranks
+from support.tiny import synthetic_records, write_jsonl
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    records = synthetic_records(8, negatives=3)
+    records[5]["pos"] = records[2]["pos"]  # a false negative to mask, in the same and in another mini-batch
+    return write_jsonl(tmp_path / "train.jsonl", records)
+
+
+@pytest.mark.parametrize(("mini_batch", "gradient_checkpointing"), [(1, False), (3, False), (3, True)])
+def test_a_grad_cache_step_has_the_plain_steps_loss_and_gradients(
+    tiny_model, train_file, mini_batch, gradient_checkpointing
+):
+    random.seed(0)  # FlagEmbedding samples the negatives
+    model = load_embedder(tiny_model)
+    if gradient_checkpointing:  # as the runner enables it: checkpoints inside each mini-batch
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    batch = hashed_batch(model, train_file, list(range(8)), group_size=4)
+    loss_difference, gradient_difference = grad_cache_differences(model, batch, mini_batch)
+    assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
+
+
+def test_with_dropout_each_mini_batch_is_encoded_again_with_the_same_dropout(tiny_model, train_file):
+    """FlagEmbedding's sub-batches (groupSize 1: the same rows as GradCache's mini-batches) keep
+    the graph of every sub-batch; GradCache, encoding each again, must draw the same dropout."""
+    model = load_embedder(tiny_model, dropout=True)
+    batch = hashed_batch(model, train_file, list(range(8)), group_size=1)
+    model.sub_batch_size = 3
+    torch.manual_seed(5)
+    kept_loss, kept = loss_and_gradients(model, batch)
+    torch.manual_seed(6)
+    assert abs(loss_and_gradients(model, batch)[0] - kept_loss) > 1e-4  # dropout is on
+    model.sub_batch_size, model.grad_cache_queries = -1, 3
+    torch.manual_seed(5)
+    cached_loss, cached = loss_and_gradients(model, batch)
+    assert abs(cached_loss - kept_loss) < TOLERANCE
+    assert max((kept[n] - cached[n]).abs().max().item() for n in kept) < TOLERANCE
+
+
+def test_with_cross_device_negatives_on_two_ranks(tiny_model, train_file):
+    for loss_difference, gradient_difference in run_on_ranks(
+        2, grad_cache_differences_on_rank, tiny_model, train_file, 4, 3
+    ):
+        assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
