@@ -192,6 +192,14 @@ class TrainingSpec(CamelModel):
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
+    dataloader_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Processes per GPU that pick and tokenize the next batches while the current one trains "
+        "(0: the training process does it between steps). Unset: one less than the CPUs per GPU, at most 4; "
+        "0 on machines without a GPU, where the CPUs compute the model itself.",
+    )
 
     @field_validator("matryoshka_dims")
     @classmethod

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataloader_workers
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
 from .model_loading import load_tokenizer_and_encoder
@@ -150,6 +151,9 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
         self.callbacks = callbacks
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
+    def load_train_dataset(self) -> SeededPickDataset:
+        return SeededPickDataset(seed=self.training_args.seed, args=self.data_args, tokenizer=self.tokenizer)
+
     def load_tokenizer_and_model(self):
         tokenizer, encoder = load_tokenizer_and_encoder(
             self.model_args.model_name_or_path, trust_remote_code=self.model_args.trust_remote_code
@@ -190,7 +194,7 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             train_dataset=self.train_dataset,
             data_collator=self.data_collator,
             processing_class=self.tokenizer,
-            callbacks=self.callbacks,
+            callbacks=[*self.callbacks, EpochOfPicks(self.train_dataset)],
         )
 
 
@@ -245,6 +249,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         logger.warning("training.precision %s: no GPU here, training in fp32", precision)
         precision = "fp32"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    workers = dataloader_workers(t.dataloader_workers, on_gpu=not on_cpu)
     return EncoderOnlyEmbedderTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -277,7 +282,10 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         save_steps=config.checkpoint.every_steps,
         save_total_limit=config.checkpoint.keep,
         report_to="none",
-        dataloader_num_workers=0,
+        dataloader_num_workers=workers,
+        dataloader_prefetch_factor=PREFETCH_BATCHES if workers else None,
+        # pinned host memory lets the copy to the GPU run beside the step
+        dataloader_pin_memory=not on_cpu,
         log_level="info",
         log_level_replica="warning",
     )

@@ -348,3 +348,19 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
 
     done = run_trainer(config, nproc=1)  # a pod restarted after the run had finished
     assert done.returncode == 0 and "is already complete" in done.stderr
+
+
+def test_dataloader_workers_change_neither_the_batches_nor_the_losses(tiny_model, tmp_path):
+    # 24 records, 2 held out: 6 steps an epoch, so the second epoch picks negatives anew
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(24, negatives=5))
+    curves = []
+    for workers in (0, 2):
+        training = {"epochs": 2, "groupSize": 3, "dataloaderWorkers": workers}
+        store = tmp_path / f"store-{workers}"
+        config = write_config(tmp_path, tiny_model, str(store), data=data, work=f"work-{workers}", training=training)
+        result = run_trainer(config, nproc=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs = training_logs(open_storage(str(store)), 12)
+        curves.append([(entry["step"], entry["loss"], entry["tokens"]) for entry in logs])
+    assert len(curves[0]) == 12
+    assert curves[0] == curves[1]
