@@ -167,6 +167,16 @@ class TrainingProgress(CamelModel):
     loss: float | None = None
     learning_rate: float | None = Field(None, description="In progress.json and the logs, not in the status.")
     samples_per_second: float | None = None
+    tokens_per_second: float | None = Field(
+        None, description="Real (non-padding) tokens of queries and passages trained per second, all GPUs together."
+    )
+    padding_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the token slots computed that were padding (0 when training runs padding-free): "
+        "what the data's length mix costs.",
+    )
     eta_seconds: float | None = None
     run_id: str | None = Field(None, description="The run reporting; the operator ignores a replaced run's reports.")
 
@@ -177,6 +187,10 @@ class TrainingProgress(CamelModel):
             status["loss"] = round(self.loss, 5)
         if self.samples_per_second is not None:
             status["samplesPerSecond"] = round(self.samples_per_second, 2)
+        if self.tokens_per_second is not None:
+            status["tokensPerSecond"] = round(self.tokens_per_second)
+        if self.padding_share is not None:
+            status["paddingShare"] = round(self.padding_share, 3)
         if self.eta_seconds is not None:
             status["etaSeconds"] = int(self.eta_seconds)
         if self.run_id is not None:

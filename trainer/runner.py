@@ -41,7 +41,7 @@ from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataload
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
 from .model_loading import load_tokenizer_and_encoder
-from .progress import ThrottledReporter, progress_from_log
+from .progress import Processed, ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class ProgressCallback(TrainerCallback):
         self.reporter = reporter
         self.model = model
         self._started: tuple[float, int] | None = None
-        self._queries = 0  # processed by this attempt, over all ranks
+        self._processed = Processed()  # by this attempt, over all ranks
         self._announced = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -326,7 +326,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs or self._started is None:
             return
         started_at, started_step = self._started
-        self._queries += logs["queries"]
+        self._processed.add(logs)
         self.reporter.training_progress(
             progress_from_log(
                 state.global_step,
@@ -335,7 +335,7 @@ class ProgressCallback(TrainerCallback):
                 logs,
                 steps_done=state.global_step - started_step,
                 elapsed=time.monotonic() - started_at,
-                samples_done=self._queries,
+                processed=self._processed,
             )
         )
 

@@ -352,7 +352,10 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
 
 def test_dataloader_workers_change_neither_the_batches_nor_the_losses(tiny_model, tmp_path):
     # 24 records, 2 held out: 6 steps an epoch, so the second epoch picks negatives anew
-    data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(24, negatives=5))
+    records = synthetic_records(24, negatives=5)
+    for index, record in enumerate(records):  # lengths vary, so batches carry padding
+        record["pos"] = [" ".join(record["pos"][0].split()[: 2 + index % 5])]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
     curves = []
     for workers in (0, 2):
         training = {"epochs": 2, "groupSize": 3, "dataloaderWorkers": workers}
@@ -364,3 +367,7 @@ def test_dataloader_workers_change_neither_the_batches_nor_the_losses(tiny_model
         curves.append([(entry["step"], entry["loss"], entry["tokens"]) for entry in logs])
     assert len(curves[0]) == 12
     assert curves[0] == curves[1]
+    # what the steps cost is reported: real tokens/s and the padding share, in progress and the log
+    reported = json.loads((tmp_path / "work-0" / "progress.json").read_text())["training"]
+    assert reported["tokensPerSecond"] > 0 and 0 < reported["paddingShare"] < 1, reported
+    assert " tokens/s " in result.stderr and " padding " in result.stderr
