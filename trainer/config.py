@@ -192,6 +192,12 @@ class TrainingSpec(CamelModel):
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
+    padding_free: bool | None = Field(
+        None,
+        description="Run each step's queries and passages as flattened sequences without padding (varlen "
+        "attention): the same result, no compute spent on padding. Unset: on with GPUs. BERT, RoBERTa/XLM-R and "
+        "ModernBERT encoders; other models train with padding (the log says so).",
+    )
     dataloader_workers: int | None = Field(
         None,
         ge=0,

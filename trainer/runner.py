@@ -41,12 +41,13 @@ from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataload
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
 from .model_loading import load_tokenizer_and_encoder
+from .padding_free import PackingCollator, PaddingFreeEncoding, enable_padding_free, is_packed
 from .progress import Processed, ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
 
 
-class EmbedtuneEmbedderModel(BiEncoderOnlyEmbedderModel):
+class EmbedtuneEmbedderModel(PaddingFreeEncoding, BiEncoderOnlyEmbedderModel):
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
 
@@ -73,11 +74,16 @@ class ProcessedCounter:
         for side in ("queries", "passages"):
             # FlagEmbedding's collator hands over a list of sub-batches when sub_batch_size is set
             batches = inputs[side] if isinstance(inputs[side], list) else [inputs[side]]
-            for mask in (batch["attention_mask"] for batch in batches):
-                self._padded_tokens += mask.numel()
-                self._tokens += mask.sum()
+            for batch in batches:
+                if is_packed(batch):  # every slot is a real token
+                    slots, sequences = batch["input_ids"].numel(), len(batch["cu_seq_lens_q"]) - 1
+                    self._tokens += slots
+                else:
+                    slots, sequences = batch["attention_mask"].numel(), batch["attention_mask"].shape[0]
+                    self._tokens += batch["attention_mask"].sum()
+                self._padded_tokens += slots
                 if side == "queries":
-                    self._queries += mask.shape[0]
+                    self._queries += sequences
 
     def take(self) -> dict[str, int]:
         """The counts since the last call, over every rank (all ranks must call it together)."""
@@ -147,8 +153,12 @@ def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
 
 
 class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
-    def __init__(self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback]):
+    def __init__(
+        self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback], padding_free: bool = False
+    ):
         self.callbacks = callbacks
+        self.padding_free = padding_free
+        self.packing = None  # set when the model runs padding-free
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
     def load_train_dataset(self) -> SeededPickDataset:
@@ -159,6 +169,8 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             self.model_args.model_name_or_path, trust_remote_code=self.model_args.trust_remote_code
         )
         args = self.training_args
+        if self.padding_free and not (args.sub_batch_size or 0) > 0:
+            self.packing = enable_padding_free(encoder)
         model = EmbedtuneEmbedderModel(
             encoder,
             tokenizer=tokenizer,
@@ -174,6 +186,10 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         return tokenizer, model
+
+    def load_data_collator(self):
+        collator = super().load_data_collator()
+        return collator if self.packing is None else PackingCollator(collator, self.packing)
 
     def load_trainer(self) -> EmbedtuneTrainer:
         args, records = self.training_args, len(self.train_dataset)
@@ -395,3 +411,8 @@ class StopOnSignal(TrainerCallback):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def padding_free_wanted(training) -> bool:
+    """training.paddingFree; unset, on where a GPU trains (docs/benchmarks.md has the CPU numbers)."""
+    return training.padding_free if training.padding_free is not None else torch.cuda.is_available()

@@ -206,6 +206,7 @@ def _run_training(
         ProgressCallback,
         StopOnSignal,
         build_model_and_data_arguments,
+        padding_free_wanted,
     )
 
     rank, local_rank, node_rank, num_nodes = _rank()
@@ -228,7 +229,9 @@ def _run_training(
     stop = StopOnSignal()
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
-    runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
+    runner = EmbedtuneRunner(
+        model_args, data_args, training_args, callbacks=callbacks, padding_free=padding_free_wanted(config.training)
+    )
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         try:
