@@ -123,7 +123,11 @@ class EvaluationConfig(CamelModel):
     k_values: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
     encoding: EncodingSettings = Field(default_factory=EncodingSettings)  # type: ignore[valid-type]
     index: IndexKind = "exact"
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Texts per forward pass when encoding with padding (padding-free passes are bounded by tokens).",
+    )
     precision: EncodePrecision = Field("auto", description="auto: bf16 (or fp16) on a GPU, fp32 on CPU.")
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
     storage: StorageAccess = Field(default_factory=StorageAccess)

@@ -37,11 +37,17 @@ def evaluate_model(
     index: IndexKind = "exact",
     batch_size: int = 64,
     chunk_size: int = 16384,
+    padding_free: bool | None = None,
 ) -> Metrics:
-    """Every metric of one loaded model on the evaluation set."""
-    queries = encode_queries(model, [query["text"] for query in eval_set.queries], batch_size=batch_size)
+    """Every metric of one loaded model on the evaluation set (padding-free: see encoding.py)."""
+    texts = [query["text"] for query in eval_set.queries]
+    queries = encode_queries(model, texts, batch_size=batch_size, padding_free=padding_free)
     passages = encode_passages(
-        model, [passage_text(passage) for passage in eval_set.corpus], batch_size=batch_size, chunk_size=chunk_size
+        model,
+        [passage_text(passage) for passage in eval_set.corpus],
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        padding_free=padding_free,
     )
     _, positions = search(queries, passages, max(ks), index)
     doc_ids = [passage["id"] for passage in eval_set.corpus]
