@@ -198,6 +198,11 @@ class TrainingSpec(CamelModel):
         "attention): the same result, no compute spent on padding. Unset: on with GPUs. BERT, RoBERTa/XLM-R and "
         "ModernBERT encoders; other models train with padding (the log says so).",
     )
+    compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile: the first steps take longer (compilation), later ones "
+        "may be faster; off until measured to pay for a model and GPU (docs/benchmarks.md).",
+    )
     dataloader_workers: int | None = Field(
         None,
         ge=0,

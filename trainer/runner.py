@@ -288,6 +288,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         # trains alone and the cross-device gather silently sees one rank
         use_cpu=on_cpu,
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
         deepspeed=deepspeed_config(config),
         seed=t.seed,
         logging_steps=t.logging_steps,
