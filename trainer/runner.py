@@ -47,6 +47,13 @@ from .progress import Processed, ThrottledReporter, progress_from_log
 logger = logging.getLogger(__name__)
 
 
+def several_processes() -> bool:
+    """Whether collectives have anyone to talk to. A single process under torchrun has a process
+    group too, but a collective there only costs: the first one sets up NCCL's communicator (a
+    one-time cost at start), and each one that reads a result synchronizes with the GPU."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class EmbedtuneEmbedderModel(PaddingFreeEncoding, BiEncoderOnlyEmbedderModel):
     # (queries, passages) of the first training score matrix
     first_scores_shape: tuple[int, int] | None = None
@@ -89,7 +96,7 @@ class ProcessedCounter:
         """The counts since the last call, over every rank (all ranks must call it together)."""
         counts = torch.tensor([self._queries, 0, self._padded_tokens], device=self.device)
         counts[1] += self._tokens
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             dist.all_reduce(counts)
         queries, tokens, padded_tokens = counts.tolist()
         self._queries = self._padded_tokens = 0
@@ -368,7 +375,7 @@ class CheckpointCallback(TrainerCallback):
         self.uploader = uploader
 
     def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             dist.barrier()  # every rank of this node has finished writing its files
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
@@ -398,7 +405,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         requested = self.signal_name is not None
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             flag = torch.tensor([int(requested)], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = bool(flag.item())

@@ -75,7 +75,9 @@ def _rank() -> tuple[int, int, int, int]:
 def broadcast_from_rank0(value):
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from .runner import several_processes  # imported by train() before this is called
+
+    if several_processes():
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
