@@ -336,6 +336,26 @@ class TrainingSpec(CamelModel):
     def distills(self) -> bool:
         return self.distillation is not None and self.distillation.enabled
 
+    padding_free: bool | None = Field(
+        None,
+        description="Run each step's queries and passages as flattened sequences without padding (varlen "
+        "attention): the same result, no compute spent on padding. Unset: on with GPUs. BERT, RoBERTa/XLM-R and "
+        "ModernBERT encoders; other models train with padding (the log says so).",
+    )
+    compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile: the first steps take longer (compilation), later ones "
+        "may be faster; off until measured to pay for a model and GPU (docs/benchmarks.md).",
+    )
+    dataloader_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Processes per GPU that pick and tokenize the next batches while the current one trains "
+        "(0: the training process does it between steps). Unset: one less than the CPUs per GPU, at most 4; "
+        "0 on machines without a GPU, where the CPUs compute the model itself.",
+    )
+
     @field_validator("matryoshka_dims")
     @classmethod
     def _positive_dims(cls, dims: list[int]) -> list[int]:

@@ -153,7 +153,11 @@ class EvaluationConfig(CamelModel):
     k_values: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10, 100], min_length=1)
     encoding: EncodingSettings = Field(default_factory=EncodingSettings)  # type: ignore[valid-type]
     index: IndexKind = "exact"
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Texts per forward pass when encoding with padding (padding-free passes are bounded by tokens).",
+    )
     precision: EncodePrecision = Field("auto", description="auto: bf16 (or fp16) on a GPU, fp32 on CPU.")
     modes: list[M3Mode] = Field(
         default_factory=list, description="bge-m3 scoring modes evaluated besides dense (the model needs its heads)."
@@ -205,6 +209,16 @@ class TrainingProgress(CamelModel):
     loss: float | None = None
     learning_rate: float | None = Field(None, description="In progress.json and the logs, not in the status.")
     samples_per_second: float | None = None
+    tokens_per_second: float | None = Field(
+        None, description="Real (non-padding) tokens of queries and passages trained per second, all GPUs together."
+    )
+    padding_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the token slots computed that were padding (0 when training runs padding-free): "
+        "what the data's length mix costs.",
+    )
     eta_seconds: float | None = None
     run_id: str | None = Field(None, description="The run reporting; the operator ignores a replaced run's reports.")
 
@@ -215,6 +229,10 @@ class TrainingProgress(CamelModel):
             status["loss"] = round(self.loss, 5)
         if self.samples_per_second is not None:
             status["samplesPerSecond"] = round(self.samples_per_second, 2)
+        if self.tokens_per_second is not None:
+            status["tokensPerSecond"] = round(self.tokens_per_second)
+        if self.padding_share is not None:
+            status["paddingShare"] = round(self.padding_share, 3)
         if self.eta_seconds is not None:
             status["etaSeconds"] = int(self.eta_seconds)
         if self.run_id is not None:

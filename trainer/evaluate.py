@@ -54,12 +54,19 @@ def evaluate_model(
     modes: Sequence[M3Mode] = (),
     hybrid_weights: HybridWeights | None = None,
     rerank_depth: int = 100,
+    padding_free: bool | None = None,
 ) -> dict[str, Metrics]:
     """Every metric of one loaded model on the evaluation set, by scoring mode: "dense", each
-    Matryoshka `dimensions` ("dense-DIM"), and with the model's BGEM3FlagModel `m3` each of `modes`."""
-    queries = encode_queries(model, [query["text"] for query in eval_set.queries], batch_size=batch_size)
+    Matryoshka `dimensions` ("dense-DIM"), and with the model's BGEM3FlagModel `m3` each of `modes`
+    (padding-free: see encoding.py)."""
+    texts = [query["text"] for query in eval_set.queries]
+    queries = encode_queries(model, texts, batch_size=batch_size, padding_free=padding_free)
     chunks = encode_passages(
-        model, [passage_text(passage) for passage in eval_set.corpus], batch_size=batch_size, chunk_size=chunk_size
+        model,
+        [passage_text(passage) for passage in eval_set.corpus],
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        padding_free=padding_free,
     )
     if dimensions:  # searched once per dimension
         chunks = list(chunks)

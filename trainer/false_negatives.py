@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from FlagEmbedding.abc.finetune.embedder import AbsEmbedderCollator, AbsEmbedderTrainDataset
+from FlagEmbedding.abc.finetune.embedder import AbsEmbedderCollator
+
+from .batches import SeededPickDataset
 
 # pads a query's positive hashes to the batch's longest list; text hashes are never negative
 NO_HASH = -1
@@ -27,8 +29,8 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
-class PositiveHashingDataset(AbsEmbedderTrainDataset):
-    """FlagEmbedding's dataset; each item also carries the hashes of its record's positives."""
+class PositiveHashingDataset(SeededPickDataset):
+    """The training dataset (seeded picks); each item also carries the hashes of its record's positives."""
 
     def __getitem__(self, item):
         query, passages, teacher_scores = super().__getitem__(item)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -30,14 +31,18 @@ class LogReporter:
         rate = f"{progress.samples_per_second:.1f}" if progress.samples_per_second is not None else "?"
         loss = f"{progress.loss:.4f}" if progress.loss is not None else "?"
         lr = f"{progress.learning_rate:.2e}" if progress.learning_rate is not None else "?"
+        tokens = f"{progress.tokens_per_second:.0f}" if progress.tokens_per_second is not None else "?"
+        padding = f"{progress.padding_share:.0%}" if progress.padding_share is not None else "?"
         logger.info(
-            "step %d/%d epoch %.2f loss %s lr %s samples/s %s eta %s",
+            "step %d/%d epoch %.2f loss %s lr %s samples/s %s tokens/s %s padding %s eta %s",
             progress.step,
             progress.total_steps,
             progress.epoch,
             loss,
             lr,
             rate,
+            tokens,
+            padding,
             eta,
         )
 
@@ -112,12 +117,27 @@ def _safely(method, *args) -> None:
         logger.exception("progress reporter %s failed", type(method.__self__).__name__)
 
 
+@dataclass
+class Processed:
+    """What this attempt's steps processed so far, over all ranks."""
+
+    queries: int = 0
+    tokens: int = 0  # real tokens of queries and passages
+    token_slots: int = 0  # positions computed: real tokens plus padding
+
+    def add(self, logs: dict) -> None:
+        self.queries += logs["queries"]
+        self.tokens += logs["tokens"]
+        self.token_slots += logs["padded_tokens"]
+
+
 def progress_from_log(
-    step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int, elapsed: float, samples_done: int
+    step: int, total_steps: int, epoch: float, logs: dict, *, steps_done: int, elapsed: float, processed: Processed
 ) -> TrainingProgress:
     """Turn one Trainer log record into a progress report. Rates count only what this attempt
-    ran (`steps_done` steps and `samples_done` queries in `elapsed` seconds), so a resumed run
-    reports honest speed; the queries are those really processed, not the configured batch."""
+    ran (`steps_done` steps processing `processed` in `elapsed` seconds), so a resumed run
+    reports honest speed; the queries and tokens are those really processed, not the
+    configured batch."""
     steps_per_second = steps_done / elapsed if elapsed > 0 and steps_done > 0 else None
     return TrainingProgress(
         step=step,
@@ -125,6 +145,8 @@ def progress_from_log(
         epoch=epoch,
         loss=logs.get("loss"),
         learning_rate=logs.get("learning_rate"),
-        samples_per_second=samples_done / elapsed if steps_per_second else None,
+        samples_per_second=processed.queries / elapsed if steps_per_second else None,
+        tokens_per_second=processed.tokens / elapsed if steps_per_second else None,
+        padding_share=1 - processed.tokens / processed.token_slots if processed.token_slots else None,
         eta_seconds=(total_steps - step) / steps_per_second if steps_per_second else None,
     )

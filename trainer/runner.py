@@ -46,15 +46,24 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataloader_workers
 from .checkpoints import CheckpointUploader
 from .config import LoraSpec
 from .contract import TrainerConfig
 from .false_negatives import PassageHashingCollator, PositiveHashingDataset, false_negatives, gather_hashes
 from .lora import add_lora, is_adapter_checkpoint, load_adapter_weights
 from .model_loading import load_tokenizer_and_encoder
-from .progress import ThrottledReporter, progress_from_log
+from .padding_free import PackingCollator, PaddingFreeEncoding, enable_padding_free, is_packed
+from .progress import Processed, ThrottledReporter, progress_from_log
 
 logger = logging.getLogger(__name__)
+
+
+def several_processes() -> bool:
+    """Whether collectives have anyone to talk to. A single process under torchrun has a process
+    group too, but a collective there only costs: the first one sets up NCCL's communicator (a
+    one-time cost at start), and each one that reads a result synchronizes with the GPU."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ScoreShapeMixin:
@@ -87,9 +96,9 @@ class EmbedtuneTrainingArguments(EncoderOnlyEmbedderTrainingArguments):
     )
 
 
-class EmbedtuneEmbedderModel(ScoreShapeMixin, BiEncoderOnlyEmbedderModel):
-    """FlagEmbedding's dense bi-encoder: logs its score shape, masks false negatives, and
-    encodes in GradCache mini-batches when asked."""
+class EmbedtuneEmbedderModel(ScoreShapeMixin, PaddingFreeEncoding, BiEncoderOnlyEmbedderModel):
+    """FlagEmbedding's dense bi-encoder: logs its score shape, runs padding-free (packed
+    features), masks false negatives, and encodes in GradCache mini-batches when asked."""
 
     # the step's false negatives, shaped as the score matrix its loss is computed on
     _false_negatives: torch.Tensor | None = None
@@ -128,7 +137,7 @@ class EmbedtuneEmbedderModel(ScoreShapeMixin, BiEncoderOnlyEmbedderModel):
         passage_hashes: torch.Tensor | None = None,
         positive_hashes: torch.Tensor | None = None,
     ):
-        if isinstance(queries, Mapping):  # a BatchEncoding; a list when FlagEmbedding made sub-batches
+        if self.grad_cache_queries and isinstance(queries, Mapping):  # a list when FlagEmbedding made sub-batches
             self._batch_queries = queries["attention_mask"].size(0)
         if self.training and passage_hashes is not None:
             if self.negatives_cross_device and not no_in_batch_neg_flag:
@@ -162,17 +171,22 @@ class ProcessedCounter:
         for side in ("queries", "passages"):
             # FlagEmbedding's collator hands over a list of sub-batches when sub_batch_size is set
             batches = inputs[side] if isinstance(inputs[side], list) else [inputs[side]]
-            for mask in (batch["attention_mask"] for batch in batches):
-                self._padded_tokens += mask.numel()
-                self._tokens += mask.sum()
+            for batch in batches:
+                if is_packed(batch):  # every slot is a real token
+                    slots, sequences = batch["input_ids"].numel(), len(batch["cu_seq_lens_q"]) - 1
+                    self._tokens += slots
+                else:
+                    slots, sequences = batch["attention_mask"].numel(), batch["attention_mask"].shape[0]
+                    self._tokens += batch["attention_mask"].sum()
+                self._padded_tokens += slots
                 if side == "queries":
-                    self._queries += mask.shape[0]
+                    self._queries += sequences
 
     def take(self) -> dict[str, int]:
         """The counts since the last call, over every rank (all ranks must call it together)."""
         counts = torch.tensor([self._queries, 0, self._padded_tokens], device=self.device)
         counts[1] += self._tokens
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             dist.all_reduce(counts)
         queries, tokens, padded_tokens = counts.tolist()
         self._queries = self._padded_tokens = 0
@@ -252,14 +266,24 @@ class EmbedtuneRunnerMixin:
     trainer_class: type
 
     def __init__(
-        self, model_args, data_args, training_args, *, callbacks: list[TrainerCallback], lora: LoraSpec | None = None
+        self,
+        model_args,
+        data_args,
+        training_args,
+        *,
+        callbacks: list[TrainerCallback],
+        lora: LoraSpec | None = None,
+        padding_free: bool = False,
     ):
         self.callbacks = callbacks
         self.lora = lora
+        self.padding_free = padding_free  # where the family supports it (the encoder family)
+        self.packing = None  # set when the model runs padding-free
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
     def load_trainer(self):
         args, records = self.training_args, len(self.train_dataset)
+        seeded = isinstance(self.train_dataset, SeededPickDataset)
         if args.should_log and samples_per_step(args) > records:
             logger.warning(
                 "training.batchSizePerDevice %d: a step would take %d queries (%d process(es), %d accumulation "
@@ -277,7 +301,8 @@ class EmbedtuneRunnerMixin:
             train_dataset=self.train_dataset,
             data_collator=self.data_collator,
             processing_class=self.tokenizer,
-            callbacks=self.callbacks,
+            # each epoch picks other negatives (batches.py); other families' datasets pick as FlagEmbedding does
+            callbacks=[*self.callbacks, *([EpochOfPicks(self.train_dataset)] if seeded else [])],
         )
 
 
@@ -288,7 +313,14 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
 
     def load_tokenizer_and_model(self):
         tokenizer, model = load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
-        model.grad_cache_queries = self.training_args.grad_cache_queries
+        args = self.training_args
+        model.grad_cache_queries = args.grad_cache_queries
+        if self.padding_free:
+            if (args.sub_batch_size or 0) > 0 or args.grad_cache_queries:
+                # both split the padded batch by rows; a packed batch has none
+                logger.info("padding-free: off with sub-batches or GradCache; training with padding")
+            else:
+                self.packing = enable_padding_free(model.model)
         return tokenizer, model
 
     @property
@@ -296,16 +328,18 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
         # FlagEmbedding's same-dataset batches come from another dataset class, which hashes nothing
         return self.data_args.mask_false_negatives and not self.data_args.same_dataset_within_batch
 
-    def load_train_dataset(self):
-        if not self.masks_false_negatives:
-            return super().load_train_dataset()
-        return PositiveHashingDataset(args=self.data_args, tokenizer=self.tokenizer)
+    def load_train_dataset(self) -> SeededPickDataset:
+        dataset_class = PositiveHashingDataset if self.masks_false_negatives else SeededPickDataset
+        return dataset_class(seed=self.training_args.seed, args=self.data_args, tokenizer=self.tokenizer)
 
     def load_data_collator(self):
         collator = super().load_data_collator()
-        if not self.masks_false_negatives:
-            return collator
-        return PassageHashingCollator(**{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)})
+        if self.masks_false_negatives:
+            collator = PassageHashingCollator(
+                **{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)}
+            )
+        # packing last: it packs the padded batch and passes the hashes on
+        return collator if self.packing is None else PackingCollator(collator, self.packing)
 
 
 def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: bool):
@@ -410,6 +444,7 @@ def build_training_arguments(
         logger.warning("training.precision %s: no GPU here, training in fp32", precision)
         precision = "fp32"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    workers = dataloader_workers(t.dataloader_workers, on_gpu=not on_cpu)
     return arguments_class(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -435,6 +470,7 @@ def build_training_arguments(
         # trains alone and the cross-device gather silently sees one rank
         use_cpu=on_cpu,
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
         deepspeed=deepspeed_config(config),
         seed=t.seed,
         logging_steps=t.logging_steps,
@@ -445,7 +481,10 @@ def build_training_arguments(
         save_steps=config.checkpoint.every_steps,
         save_total_limit=config.checkpoint.keep,
         report_to="none",
-        dataloader_num_workers=0,
+        dataloader_num_workers=workers,
+        dataloader_prefetch_factor=PREFETCH_BATCHES if workers else None,
+        # pinned host memory lets the copy to the GPU run beside the step
+        dataloader_pin_memory=not on_cpu,
         log_level="info",
         log_level_replica="warning",
         **family_arguments,
@@ -464,7 +503,7 @@ class ProgressCallback(TrainerCallback):
         self.reporter = reporter
         self.model = model
         self._started: tuple[float, int] | None = None
-        self._queries = 0  # processed by this attempt, over all ranks
+        self._processed = Processed()  # by this attempt, over all ranks
         self._announced = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -487,7 +526,7 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs or self._started is None:
             return
         started_at, started_step = self._started
-        self._queries += logs["queries"]
+        self._processed.add(logs)
         self.reporter.training_progress(
             progress_from_log(
                 state.global_step,
@@ -496,7 +535,7 @@ class ProgressCallback(TrainerCallback):
                 logs,
                 steps_done=state.global_step - started_step,
                 elapsed=time.monotonic() - started_at,
-                samples_done=self._queries,
+                processed=self._processed,
             )
         )
 
@@ -512,7 +551,7 @@ class CheckpointCallback(TrainerCallback):
         self.uploader = uploader
 
     def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             dist.barrier()  # every rank of this node has finished writing its files
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
@@ -542,7 +581,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         requested = self.signal_name is not None
-        if dist.is_available() and dist.is_initialized():
+        if several_processes():
             flag = torch.tensor([int(requested)], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = bool(flag.item())
@@ -556,3 +595,8 @@ class StopOnSignal(TrainerCallback):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def padding_free_wanted(training) -> bool:
+    """training.paddingFree; unset, on where a GPU trains (docs/benchmarks.md has the CPU numbers)."""
+    return training.padding_free if training.padding_free is not None else torch.cuda.is_available()

@@ -76,7 +76,9 @@ def _rank() -> tuple[int, int, int, int]:
 def broadcast_from_rank0(value):
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from .runner import several_processes  # imported by train() before this is called
+
+    if several_processes():
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -246,7 +248,7 @@ def _run_training(
 ) -> tuple[int, float | None]:
     from .checkpoints import CheckpointUploader
     from .divergence import DivergenceGuard
-    from .runner import CheckpointCallback, ProgressCallback, StopOnSignal
+    from .runner import CheckpointCallback, ProgressCallback, StopOnSignal, padding_free_wanted
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
@@ -269,7 +271,14 @@ def _run_training(
     stop = StopOnSignal()
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
-    runner = family.runner(model_args, data_args, training_args, callbacks=callbacks, lora=config.model.lora)
+    runner = family.runner(
+        model_args,
+        data_args,
+        training_args,
+        callbacks=callbacks,
+        lora=config.model.lora,
+        padding_free=padding_free_wanted(config.training),
+    )
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
         try:

@@ -43,7 +43,7 @@ def hashed_batch(model, train_file: Path, indices: list[int], *, group_size: int
     args = EmbedtuneDataArguments(
         train_data=[str(train_file)], train_group_size=group_size, query_max_len=MAX_LENGTH, passage_max_len=MAX_LENGTH
     )
-    dataset = PositiveHashingDataset(args=args, tokenizer=model.tokenizer)
+    dataset = PositiveHashingDataset(seed=42, args=args, tokenizer=model.tokenizer)
     collator = PassageHashingCollator(
         tokenizer=model.tokenizer,
         query_max_len=MAX_LENGTH,

@@ -48,11 +48,12 @@ def test_exported_settings_round_trip_and_flags_override_them(exported):
     )
 
 
-def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_metrics_match_an_independent_computation(exported, eval_dir, tmp_path, padding_free):
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
     ks = (1, 3, 10)
-    ours = evaluate_model(model, eval_set, ks, chunk_size=7)["dense"]
+    ours = evaluate_model(model, eval_set, ks, chunk_size=7, padding_free=padding_free)["dense"]
     # by hand: the instruction prefixed as text, the model's plain encode, numpy ranking
     queries = model.encode(["what: " + q["text"] for q in eval_set.queries], task="query")
     passages = model.encode(["doc: " + passage_text(p) for p in eval_set.corpus], task="document")

@@ -1,7 +1,13 @@
 import pytest
 
 from embedtune.trainer.contract import TrainingProgress
-from embedtune.trainer.progress import JsonFileReporter, ThrottledReporter, progress_from_log
+from embedtune.trainer.progress import (
+    JsonFileReporter,
+    LogReporter,
+    Processed,
+    ThrottledReporter,
+    progress_from_log,
+)
 
 
 class Recorder:
@@ -48,10 +54,13 @@ def test_progress_is_throttled_but_never_lost_and_a_failing_reporter_is_containe
 
 
 def test_rates_count_only_this_attempts_steps():
+    processed = Processed(queries=3200, tokens=300_000, token_slots=400_000)
     progress = progress_from_log(
-        150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5}, steps_done=50, elapsed=25.0, samples_done=3200
+        150, 200, 1.5, {"loss": 0.3, "learning_rate": 2e-5}, steps_done=50, elapsed=25.0, processed=processed
     )
     assert progress.samples_per_second == 128.0  # the queries processed, not steps x the configured batch
+    assert progress.tokens_per_second == 12_000.0  # real tokens, not padded slots
+    assert progress.padding_share == 0.25
     assert progress.eta_seconds == 25.0  # 50 steps left at 2 steps/s
     assert progress.to_status() == {
         "step": 150,
@@ -59,9 +68,21 @@ def test_rates_count_only_this_attempts_steps():
         "epoch": 1.5,
         "loss": 0.3,
         "samplesPerSecond": 128.0,
+        "tokensPerSecond": 12000,
+        "paddingShare": 0.25,
         "etaSeconds": 25,
     }
-    assert progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, samples_done=0).eta_seconds is None
+    nothing_yet = progress_from_log(1, 10, 0.1, {}, steps_done=0, elapsed=0.0, processed=Processed())
+    assert nothing_yet.eta_seconds is None and nothing_yet.padding_share is None
+
+
+def test_the_log_line_shows_real_tokens_per_second_and_the_padding_share(caplog):
+    progress = progress_from_log(
+        20, 40, 0.5, {"loss": 0.5}, steps_done=20, elapsed=10.0, processed=Processed(80, 6000, 10000)
+    )
+    with caplog.at_level("INFO", logger="embedtune.trainer.progress"):
+        LogReporter().training_progress(progress)
+    assert "samples/s 8.0 tokens/s 600 padding 40% eta" in caplog.text
 
 
 def test_json_file_reporter_keeps_the_latest(tmp_path):
@@ -94,10 +115,12 @@ def test_the_rate_counts_the_queries_processed_not_the_configured_batch(tmp_path
     callback.on_train_begin(args, state, None)
     for step in (1, 2):  # the data has 36 queries: each step is all of them
         state.global_step = step
-        callback.on_log(args, state, None, logs={"loss": 1.0, "queries": 36})
+        callback.on_log(args, state, None, logs={"loss": 1.0, "queries": 36, "tokens": 300, "padded_tokens": 400})
     # samples/s over steps/s (the ETA's rate) is the queries per step, however long the steps took
     last = reports[-1]
     assert last.samples_per_second * last.eta_seconds / (10 - last.step) == pytest.approx(36)
+    assert last.tokens_per_second * last.eta_seconds / (10 - last.step) == pytest.approx(300)
+    assert last.padding_share == pytest.approx(0.25)
 
 
 def test_progress_and_checkpoints_written_from_two_threads_are_both_kept(tmp_path):

@@ -53,3 +53,14 @@ def test_minilm_metrics_match_an_independent_computation(minilm, tmp_path):
     assert report["baseline"] == pytest.approx(expected, abs=1e-4)
     assert all(value == pytest.approx(0, abs=1e-6) for value in report["delta"].values())
     assert expected["ndcg@10"] > 0.7  # a real model on an easy set: the pipeline is not scoring noise
+
+
+def test_minilm_padding_free_evaluation_gives_the_padded_metrics(minilm, tmp_path):
+    from embedtune.trainer.encoding import load_encoder
+    from embedtune.trainer.evaluate import evaluate_model
+
+    eval_set = load_eval_set(str(EVAL_SET), tmp_path)
+    model = load_encoder(minilm)
+    padded = evaluate_model(model, eval_set, (1, 3, 10), padding_free=False)["dense"]
+    packed = evaluate_model(model, eval_set, (1, 3, 10), padding_free=True)["dense"]
+    assert packed == pytest.approx(padded, abs=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -452,3 +453,64 @@ def test_grad_cache_trains_the_loss_curve_of_the_plain_step(tmp_path, deepspeed)
     plain, cached = curves
     assert set(plain) == {1, 2, 3}
     assert cached == pytest.approx(plain, abs=2e-4)  # the Trainer logs losses rounded to 4 decimals
+
+
+def test_dataloader_workers_change_neither_the_batches_nor_the_losses(tiny_model, tmp_path):
+    # 24 records, 2 held out: 6 steps an epoch, so the second epoch picks negatives anew
+    records = synthetic_records(24, negatives=5)
+    for index, record in enumerate(records):  # lengths vary, so batches carry padding
+        record["pos"] = [" ".join(record["pos"][0].split()[: 2 + index % 5])]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    curves = []
+    for workers in (0, 2):
+        training = {"epochs": 2, "groupSize": 3, "dataloaderWorkers": workers}
+        store = tmp_path / f"store-{workers}"
+        config = write_config(tmp_path, tiny_model, str(store), data=data, work=f"work-{workers}", training=training)
+        result = run_trainer(config, nproc=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs = training_logs(open_storage(str(store)), 12)
+        curves.append([(entry["step"], entry["loss"], entry["tokens"]) for entry in logs])
+    assert len(curves[0]) == 12
+    assert curves[0] == curves[1]
+    # what the steps cost is reported: real tokens/s and the padding share, in progress and the log
+    reported = json.loads((tmp_path / "work-0" / "progress.json").read_text())["training"]
+    assert reported["tokensPerSecond"] > 0 and 0 < reported["paddingShare"] < 1, reported
+    assert " tokens/s " in result.stderr and " padding " in result.stderr
+
+
+def test_padding_free_training_follows_the_padded_loss_curve_with_cross_device_negatives(tiny_model, tmp_path):
+    # dropout draws other random numbers for other tensor shapes: compare the computation without it
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(
+        json.dumps(config | {"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0})
+    )
+    records = synthetic_records(96, negatives=3)
+    for index, record in enumerate(records):  # lengths vary, so padded batches carry padding
+        record["pos"] = [" ".join(record["pos"][0].split()[: 2 + index % 5])]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    curves, stderr = {}, {}
+    for padding_free in (False, True):
+        store = tmp_path / f"store-{padding_free}"
+        training = {"maxSteps": 20, "paddingFree": padding_free}
+        config = write_config(
+            tmp_path,
+            model,
+            str(store),
+            data=data,
+            work=f"work-{padding_free}",
+            training=training,
+            checkpoint={"everySteps": 20, "keep": 1},
+        )
+        result = run_trainer(config, nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[padding_free] = losses(open_storage(str(store)), 20)
+        stderr[padding_free] = result.stderr
+    assert len(curves[True]) == 20
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    assert "padding-free: queries and passages run as flattened sequences" in stderr[True]
+    # the gather across the two ranks sees every passage either way
+    for text in stderr.values():
+        assert "each of 8 queries scored against 32 passages (cross-device on)" in text
+    assert " padding 0% " in stderr[True] and " padding 0% " not in stderr[False]
