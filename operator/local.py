@@ -314,11 +314,14 @@ class LocalRun:
 
     @staticmethod
     def local_config(config: TrainerConfig | EvaluationConfig, work: Path) -> TrainerConfig | EvaluationConfig:
-        """The pod's config as this machine runs it: its emptyDir is a local folder, and what it
-        would patch into the status it leaves in files this executor reads (it is the API here)."""
+        """The pod's config as this machine runs it: its emptyDir is a local folder, what it
+        would patch into the status it leaves in files this executor reads (it is the API here),
+        and the metrics table is printed once, with the run's result."""
         update: dict[str, Any] = {"run": config.run.model_copy(update={"report_status": False})}
         if isinstance(config, TrainerConfig):
             update["work_dir"] = str(work)
+        else:
+            update["print_table"] = False
         return config.model_copy(update=update)
 
     def training_command(self, job: LocalJob, config_file: Path) -> list[str]:

@@ -128,6 +128,9 @@ class EvaluationConfig(CamelModel):
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
     storage: StorageAccess = Field(default_factory=StorageAccess)
     run: RunIdentity | None = Field(None, description="The resource whose status.metrics to patch, if any.")
+    print_table: bool = Field(
+        True, description="Print the metrics table (`embedtune run` prints it once, with the run's result)."
+    )
 
 
 Config = TypeVar("Config", TrainerConfig, EvaluationConfig)
@@ -174,7 +177,7 @@ class TrainingProgress(CamelModel):
         """The status fields, rounded to what a reader can use; the learning rate stays in the logs."""
         status: dict[str, Any] = {"step": self.step, "totalSteps": self.total_steps, "epoch": round(self.epoch, 3)}
         if self.loss is not None:
-            status["loss"] = round(self.loss, 5)
+            status["loss"] = significant(self.loss)
         if self.samples_per_second is not None:
             status["samplesPerSecond"] = round(self.samples_per_second, 2)
         if self.eta_seconds is not None:
@@ -207,6 +210,19 @@ class ProgressFile(CamelModel):
 
 Metrics = dict[str, float]  # "ndcg@10" -> value
 
+# Digits of a number in the status, where people read it: a mean over a thousand queries is
+# uncertain in its second or third digit, so more digits (or 0.5922000000000001) are noise.
+STATUS_DIGITS = 4
+
+
+def significant(value: float, digits: int = STATUS_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits: 0.5922000000000001 -> 0.5922."""
+    return float(f"{value:.{digits}g}")
+
+
+def _rounded(metrics: Metrics | None) -> Metrics | None:
+    return None if metrics is None else {key: significant(value) for key, value in metrics.items()}
+
 
 class StatusMetrics(CamelModel):
     """status.metrics: each model's metric@k, and fine-tuned minus baseline."""
@@ -217,13 +233,17 @@ class StatusMetrics(CamelModel):
 
 
 class MetricsReport(StatusMetrics):
-    """metrics.json, written next to the model by the evaluation."""
+    """metrics.json, written next to the model by the evaluation, with exact values."""
 
     queries: int
     corpus: int
 
     def status(self) -> StatusMetrics:
-        return StatusMetrics.model_validate(self.model_dump(include=set(StatusMetrics.model_fields)))
+        """status.metrics: the same numbers, to STATUS_DIGITS significant digits (the quality
+        gate compares the delta as the status shows it)."""
+        return StatusMetrics(
+            baseline=_rounded(self.baseline), finetuned=_rounded(self.finetuned), delta=_rounded(self.delta)
+        )
 
 
 class FailureClass(StrEnum):

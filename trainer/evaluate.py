@@ -119,7 +119,8 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
 def evaluate(config: EvaluationConfig) -> MetricsReport:
     """The evaluation program: metrics, their table, metrics.json, the resource's status."""
     report = run_evaluation(config)
-    print(format_table(report, config.k_values))
+    if config.print_table:
+        print(format_table(report, config.k_values))
     if config.output:
         write_report(report, config.output, config.storage)
     if config.run is not None and config.run.report_status:

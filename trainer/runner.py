@@ -35,7 +35,13 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
 )
 from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    PaddingStrategy,
+)
 
 from .checkpoints import CheckpointUploader
 from .contract import TrainerConfig
@@ -171,6 +177,13 @@ class EmbedtuneRunner(EncoderOnlyEmbedderRunner):
             model.enable_input_require_grads()
         return tokenizer, model
 
+    def load_data_collator(self):
+        collator = super().load_data_collator()
+        # FlagEmbedding's `padding=True`, by its name: the tokenizer then does not warn on every
+        # batch that max_length is ignored (the texts are already truncated to it)
+        collator.padding = PaddingStrategy.LONGEST
+        return collator
+
     def load_trainer(self) -> EmbedtuneTrainer:
         args, records = self.training_args, len(self.train_dataset)
         if args.should_log and samples_per_step(args) > records:
@@ -266,7 +279,7 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         # on CPU, HF only sets up a gloo process group with use_cpu; without it every rank
         # trains alone and the cross-device gather silently sees one rank
         use_cpu=on_cpu,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # the name transformers asks for
         deepspeed=deepspeed_config(config),
         seed=t.seed,
         logging_steps=t.logging_steps,

@@ -286,11 +286,24 @@ def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:
     return [KubernetesStatusReporter(config.run)]
 
 
+def _quiet_library_chatter() -> None:
+    """Silence, at their source, library messages nobody can act on. Without a GPU, DeepSpeed
+    is told it runs on the CPU (detecting it, it warns that it may have missed a GPU); the
+    FlagEmbedding runner logs its 150 arguments and the process layout as a warning (the
+    trainer config is the record of the settings, and our log states the process layout)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtune.trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_library_chatter()
     try:
         config = load_config(args.config, TrainerConfig)
         result = train(config, reporters=_cluster_reporters(config))

@@ -144,7 +144,10 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
         "embeddingfinetunes",
         "finance",
     )
-    assert body == {"status": {"metrics": {"baseline": None, "finetuned": report["finetuned"], "delta": None}}}
+    # the status shows 4 significant digits; metrics.json keeps the exact values
+    finetuned = {key: float(f"{value:.4g}") for key, value in report["finetuned"].items()}
+    assert body == {"status": {"metrics": {"baseline": None, "finetuned": finetuned, "delta": None}}}
+    assert finetuned != report["finetuned"]
 
 
 def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
