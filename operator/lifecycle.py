@@ -37,7 +37,7 @@ from .render import (
     run_id_of,
     training_job_name,
 )
-from .spec import EmbeddingFinetuneSpec, parse_finetune
+from .spec import EmbeddingFinetuneSpec, QualityGate, parse_finetune
 
 # The training pods' progress fields, cleared when a new run starts.
 TRAINER_PROGRESS_FIELDS = TrainingProgress.status_keys()
@@ -377,21 +377,7 @@ class _Planner:
         if gate is None:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded")
             return
-        delta = ((metrics or {}).get("delta") or {}).get(gate.metric)
-        if delta is None:
-            passed, reason, message = None, Reason.METRICS_MISSING, f"status.metrics.delta has no {gate.metric}"
-        elif delta >= gate.min_improvement:
-            passed, reason, message = (
-                True,
-                Reason.GATE_PASSED,
-                (f"{gate.metric} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
-            )
-        else:
-            passed, reason, message = (
-                False,
-                Reason.GATE_NOT_MET,
-                (f"{gate.metric} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
-            )
+        passed, reason, message = gate_verdict(gate, metrics or {})
         self.gate_condition = self.condition({}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
         if passed:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded; {message}")
@@ -419,3 +405,24 @@ def plan_reconcile(
     """What to do for `finetune` given its Jobs and their pods; see the module docstring.
     `on_cluster=False` is `embedtune run`, where storage and data may be local paths."""
     return _Planner(finetune, jobs, pods, defaults, now, on_cluster).run()
+
+
+def gate_verdict(gate: QualityGate, metrics: dict[str, Any]) -> tuple[bool | None, Reason, str]:
+    """Whether status.metrics pass the quality gate (None: they cannot tell), why, and the
+    message saying so."""
+    delta = (metrics.get("delta") or {}).get(gate.metric)
+    interval = (metrics.get("deltaInterval") or {}).get(gate.metric)
+    if delta is None:
+        return None, Reason.METRICS_MISSING, f"status.metrics.delta has no {gate.metric}"
+    described = f"{gate.metric} changed by {delta:+.4f}"
+    if interval is not None:
+        described += f" (95% interval {interval['low']:+.4f} to {interval['high']:+.4f})"
+    if gate.compare == "lowerBound":
+        if interval is None:
+            return None, Reason.METRICS_MISSING, f"status.metrics.deltaInterval has no {gate.metric}"
+        compared, required = interval["low"], f"a lower bound of at least {gate.min_improvement} required"
+    else:
+        compared, required = delta, f"at least {gate.min_improvement} required"
+    if compared >= gate.min_improvement:
+        return True, Reason.GATE_PASSED, f"{described}; {required}"
+    return False, Reason.GATE_NOT_MET, f"{described}; {required}"

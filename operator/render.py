@@ -155,6 +155,8 @@ def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig
         baseline=spec.model.base,
         eval_set=eval_set_uri(spec, run),
         k_values=spec.evaluation.k_values,
+        bootstrap_resamples=spec.evaluation.bootstrap_resamples,
+        seed=spec.training.seed,
         encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base"})),
         output=storage_uri(spec, metrics_key(run)),
         storage=spec.storage.access(),

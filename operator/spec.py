@@ -89,6 +89,11 @@ class ResourcesSpec(CamelModel):
 class QualityGate(CamelModel):
     metric: str = Field("ndcg@10", pattern=_GATE_METRIC.pattern, description="<metric>@<k>, k one of kValues.")
     min_improvement: float = Field(0.0, description="Fine-tuned minus baseline must be at least this.")
+    compare: Literal["delta", "lowerBound"] = Field(
+        "delta",
+        description="What must reach minImprovement: the delta itself, or the lower bound of its 95% "
+        "confidence interval (pass only when the gain is sure, not luck of the evaluation queries).",
+    )
 
 
 class EvaluationSpec(CamelModel):
@@ -99,6 +104,9 @@ class EvaluationSpec(CamelModel):
         default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics."
     )
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100000, description="Resamples of the paired bootstrap behind each delta's 95% interval."
+    )
     gate: QualityGate | None = Field(
         None, description="Fail the run when the fine-tuned model does not improve enough."
     )

@@ -128,6 +128,10 @@ class EvaluationConfig(CamelModel):
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
     storage: StorageAccess = Field(default_factory=StorageAccess)
     run: RunIdentity | None = Field(None, description="The resource whose status.metrics to patch, if any.")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100000, description="Resamples of the paired bootstrap behind each delta's interval."
+    )
+    seed: int = Field(0, description="Seeds the bootstrap: the same scores give the same intervals.")
     print_table: bool = Field(
         True, description="Print the metrics table (`embedtune run` prints it once, with the run's result)."
     )
@@ -224,12 +228,28 @@ def _rounded(metrics: Metrics | None) -> Metrics | None:
     return None if metrics is None else {key: significant(value) for key, value in metrics.items()}
 
 
+# Of the interval around each delta.
+CONFIDENCE = 0.95
+
+
+class ConfidenceInterval(CamelModel):
+    """Where the true gain lies with 95% confidence, by a paired bootstrap over the queries."""
+
+    low: float
+    high: float
+
+
 class StatusMetrics(CamelModel):
-    """status.metrics: each model's metric@k, and fine-tuned minus baseline."""
+    """status.metrics: each model's metric@k, fine-tuned minus baseline, and how sure that gain is."""
 
     baseline: Metrics | None = None
     finetuned: Metrics
     delta: Metrics | None = None
+    delta_interval: dict[str, ConfidenceInterval] | None = Field(
+        None,
+        description="95% confidence interval of each delta: a paired bootstrap over the evaluation queries. "
+        "A low above 0 means the gain is not luck of the query sample.",
+    )
 
 
 class MetricsReport(StatusMetrics):
@@ -237,12 +257,22 @@ class MetricsReport(StatusMetrics):
 
     queries: int
     corpus: int
+    bootstrap_resamples: int | None = Field(None, description="Resamples behind deltaInterval.")
 
     def status(self) -> StatusMetrics:
         """status.metrics: the same numbers, to STATUS_DIGITS significant digits (the quality
         gate compares the delta as the status shows it)."""
+        intervals = None
+        if self.delta_interval is not None:
+            intervals = {
+                key: ConfidenceInterval(low=significant(interval.low), high=significant(interval.high))
+                for key, interval in self.delta_interval.items()
+            }
         return StatusMetrics(
-            baseline=_rounded(self.baseline), finetuned=_rounded(self.finetuned), delta=_rounded(self.delta)
+            baseline=_rounded(self.baseline),
+            finetuned=_rounded(self.finetuned),
+            delta=_rounded(self.delta),
+            delta_interval=intervals,
         )
 
 

@@ -17,19 +17,21 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .config import StorageAccess
-from .contract import EvaluationConfig, IndexKind, Metrics, MetricsReport
+from .contract import CONFIDENCE, ConfidenceInterval, EvaluationConfig, IndexKind, Metrics, MetricsReport
 from .data import EvalSet
 from .encoding import encode_passages, encode_queries, load_encoder
 from .evalset import judgments, load_eval_set, passage_text
-from .metrics import metric_keys, retrieval_metrics
+from .metrics import metric_keys, paired_bootstrap_intervals, per_query_metrics
 from .search import NO_RESULT, search
 from .storage import fetch_to_local, open_storage
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_model(
+def score_queries(
     model,
     eval_set: EvalSet,
     ks: Sequence[int],
@@ -37,8 +39,9 @@ def evaluate_model(
     index: IndexKind = "exact",
     batch_size: int = 64,
     chunk_size: int = 16384,
-) -> Metrics:
-    """Every metric of one loaded model on the evaluation set."""
+) -> dict[str, np.ndarray]:
+    """Every metric of one loaded model for every judged query of the evaluation set (in the
+    order of its judgments: the same for every model, so two models' scores pair up)."""
     queries = encode_queries(model, [query["text"] for query in eval_set.queries], batch_size=batch_size)
     passages = encode_passages(
         model, [passage_text(passage) for passage in eval_set.corpus], batch_size=batch_size, chunk_size=chunk_size
@@ -48,32 +51,62 @@ def evaluate_model(
     rankings = {
         query["id"]: [doc_ids[p] for p in row if p != NO_RESULT] for query, row in zip(eval_set.queries, positions)
     }
-    return retrieval_metrics(rankings, judgments(eval_set), ks)
+    _, per_query = per_query_metrics(rankings, judgments(eval_set), ks)
+    return per_query
 
 
-def metrics_report(finetuned: Metrics, baseline: Metrics | None, eval_set: EvalSet) -> MetricsReport:
-    """`baseline` and `delta` are unset without a baseline."""
-    delta = {key: finetuned[key] - baseline[key] for key in finetuned} if baseline is not None else None
+def evaluate_model(model, eval_set: EvalSet, ks: Sequence[int], **options) -> Metrics:
+    """Every metric of one loaded model, averaged over every judged query."""
+    return mean_metrics(score_queries(model, eval_set, ks, **options))
+
+
+def mean_metrics(per_query: dict[str, np.ndarray]) -> Metrics:
+    return {key: float(values.mean()) for key, values in per_query.items()}
+
+
+def metrics_report(
+    finetuned: dict[str, np.ndarray],
+    baseline: dict[str, np.ndarray] | None,
+    eval_set: EvalSet,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> MetricsReport:
+    """The means of the per-query scores; `baseline`, `delta` and its intervals are unset
+    without a baseline."""
+    means = mean_metrics(finetuned)
+    baseline_means = delta = intervals = None
+    if baseline is not None:
+        baseline_means = mean_metrics(baseline)
+        delta = {key: means[key] - baseline_means[key] for key in means}
+        bounds = paired_bootstrap_intervals(finetuned, baseline, resamples=resamples, seed=seed, confidence=CONFIDENCE)
+        intervals = {key: ConfidenceInterval(low=low, high=high) for key, (low, high) in bounds.items()}
     return MetricsReport(
-        baseline=baseline,
-        finetuned=finetuned,
+        baseline=baseline_means,
+        finetuned=means,
         delta=delta,
+        delta_interval=intervals,
         queries=len(eval_set.queries),
         corpus=len(eval_set.corpus),
+        bootstrap_resamples=resamples if baseline is not None else None,
     )
 
 
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
     columns = ["baseline", "finetuned", "delta"] if report.baseline is not None else ["finetuned"]
+    interval_header = f"{CONFIDENCE:.0%} interval" if report.delta_interval is not None else ""
     lines = [
         f"{report.queries} queries, {report.corpus} passages",
-        f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns),
+        f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns) + f"  {interval_header}".rstrip(),
     ]
     for key in metric_keys(ks):
         cells = "".join(
             f"{getattr(report, name)[key]:>+12.4f}" if name == "delta" else f"{getattr(report, name)[key]:>12.4f}"
             for name in columns
         )
+        if report.delta_interval is not None:
+            interval = report.delta_interval[key]
+            cells += f"  [{interval.low:+.4f}, {interval.high:+.4f}]"
         lines.append(f"{key:<14}{cells}")
     return "\n".join(lines)
 
@@ -96,14 +129,14 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
             len(eval_set.corpus),
             len(eval_set.qrels),
         )
-        scores: dict[str, Metrics] = {}
+        scores: dict[str, dict[str, np.ndarray]] = {}
         for role, uri in (("baseline", config.baseline), ("finetuned", config.model)):
             if uri is None:
                 continue
             path = fetch_to_local(uri, Path(work) / role, config.storage)
             encoder = load_encoder(path, overrides, precision=config.precision)
             logger.info("evaluating %s model %s", role, uri)
-            scores[role] = evaluate_model(
+            scores[role] = score_queries(
                 encoder,
                 eval_set,
                 config.k_values,
@@ -113,7 +146,13 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
             )
             del encoder
             gc.collect()  # one model in memory at a time
-    return metrics_report(scores["finetuned"], scores.get("baseline"), eval_set)
+    return metrics_report(
+        scores["finetuned"],
+        scores.get("baseline"),
+        eval_set,
+        resamples=config.bootstrap_resamples,
+        seed=config.seed,
+    )
 
 
 def evaluate(config: EvaluationConfig) -> MetricsReport:

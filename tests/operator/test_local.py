@@ -107,7 +107,7 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
     )
     # the table: one row per metric, baseline / fine-tuned / delta
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("ndcg@10 "))
-    assert [float(cell) for cell in row[1:]] == pytest.approx(
+    assert [float(cell) for cell in row[1:4]] == pytest.approx(
         [
             stored_metrics["baseline"]["ndcg@10"],
             stored_metrics["finetuned"]["ndcg@10"],
@@ -115,6 +115,13 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
         ],
         abs=1e-4,
     )
+    # each delta with its 95% interval: in metrics.json, the status and the table
+    for key, delta in stored_metrics["delta"].items():
+        interval = stored_metrics["deltaInterval"][key]
+        assert interval["low"] <= delta <= interval["high"]
+        assert status["metrics"]["deltaInterval"][key] == {name: float(f"{v:.4g}") for name, v in interval.items()}
+    interval = stored_metrics["deltaInterval"]["ndcg@10"]
+    assert row[4:] == [f"[{interval['low']:+.4f},", f"{interval['high']:+.4f}]"]
     # what the jobs print goes to stderr: stdout is exactly the result, its table printed once
     assert '"model":' not in result.stdout
     assert (result.stdout + result.stderr).count("ndcg@10 ") == 1

@@ -146,7 +146,8 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
     )
     # the status shows 4 significant digits; metrics.json keeps the exact values
     finetuned = {key: float(f"{value:.4g}") for key, value in report["finetuned"].items()}
-    assert body == {"status": {"metrics": {"baseline": None, "finetuned": finetuned, "delta": None}}}
+    metrics = {"baseline": None, "finetuned": finetuned, "delta": None, "deltaInterval": None}
+    assert body == {"status": {"metrics": metrics}}
     assert finetuned != report["finetuned"]
 
 
