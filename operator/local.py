@@ -330,6 +330,7 @@ class LocalRun:
         nproc = self.options.nproc_per_node or local_processes()
         # spec.resources sizes cluster pods; here the machine's own devices decide
         print(f"training job {job.name}: {nproc} process(es) on this machine", file=sys.stderr)
+        print(f"training curves, updated as it goes: {self.tensorboard_command()}", file=sys.stderr)
         return local_trainer_command(config_file, nproc)
 
     def report_training(self, work: Path) -> None:
@@ -349,6 +350,16 @@ class LocalRun:
     def report_metrics(self) -> None:
         metrics = self.metrics_report().status().model_dump(by_alias=True)
         self.resource["status"] = merge_patch(self.status, {"metrics": metrics})
+
+    def tensorboard_command(self) -> str:
+        """The command that shows the run's curves (TensorBoard reads local folders; an S3
+        folder is copied first)."""
+        run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+        uri = self.storage.uri_for(run.layout.tensorboard_prefix)
+        if uri.startswith("s3://"):
+            local = f"./tensorboard-{run.run_id}"
+            return f"aws s3 sync {uri} {local} && tensorboard --logdir {local}"
+        return f"tensorboard --logdir {uri}"
 
     def metrics_report(self) -> MetricsReport | None:
         run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
@@ -422,5 +433,7 @@ def print_summary(run: LocalRun) -> None:
         print(format_table(report, run.spec.evaluation.k_values))
     if run.status.get("model"):
         print(f"model: {run.status['model']['uri']}")
+    if run.status.get("runId"):
+        print(f"curves: {run.tensorboard_command()}")
     print(f"resource: {run.storage.uri_for(run.resource_key)}")
     print(yaml.safe_dump({"status": run.status}, sort_keys=False), end="")

@@ -159,6 +159,7 @@ def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig
         seed=spec.training.seed,
         encoding=EncodingSettings.model_validate(spec.model.model_dump(exclude={"base"})),
         output=storage_uri(spec, metrics_key(run)),
+        tensorboard=storage_uri(spec, run.layout.tensorboard_prefix),
         storage=spec.storage.access(),
         run=run.identity(),
     )

@@ -260,6 +260,11 @@ class CheckpointUploader:
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
+    def run_later(self, task: Callable[[], None]) -> None:
+        """Run a small upload (the training curves) on the upload thread, after what is queued
+        there; it handles its own failures."""
+        self._pool.submit(task)
+
     def wait(self) -> None:
         """Until the checkpoint in flight is stored; raises what its upload raised."""
         if self._in_flight is None:

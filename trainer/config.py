@@ -192,6 +192,12 @@ class TrainingSpec(CamelModel):
     matryoshka_dims: list[int] = Field(default_factory=list, description="Also train these leading dimensions.")
     seed: int = Field(42, description="Seeds data order, negative sampling, the held-out split and initialization.")
     logging_steps: int = Field(10, ge=1, description="Log (and report progress) every N steps.")
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers to log to as well, through their Hugging Face integration (install "
+        "embedtune[mlflow] or embedtune[wandb]; they read their usual environment, e.g. MLFLOW_TRACKING_URI). "
+        "TensorBoard curves are always written to the run's storage.",
+    )
 
     @field_validator("matryoshka_dims")
     @classmethod

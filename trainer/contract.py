@@ -126,6 +126,9 @@ class EvaluationConfig(CamelModel):
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
     precision: EncodePrecision = Field("auto", description="auto: bf16 (or fp16) on a GPU, fp32 on CPU.")
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
+    tensorboard: str | None = Field(
+        None, description="The run's TensorBoard folder (path or storage URI): the metrics are added to the curves."
+    )
     storage: StorageAccess = Field(default_factory=StorageAccess)
     run: RunIdentity | None = Field(None, description="The resource whose status.metrics to patch, if any.")
     bootstrap_resamples: int = Field(

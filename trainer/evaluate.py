@@ -27,6 +27,7 @@ from .evalset import judgments, load_eval_set, passage_text
 from .metrics import metric_keys, paired_bootstrap_intervals, per_query_metrics
 from .search import NO_RESULT, search
 from .storage import fetch_to_local, open_storage
+from .tracking import EVALUATION_LOGS, write_evaluation_logs
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,13 @@ def write_report(report: MetricsReport, output: str, access: StorageAccess) -> N
     open_storage(directory or ".", access).write_bytes(name, report.model_dump_json(indent=2, by_alias=True).encode())
 
 
+def add_to_curves(report: MetricsReport, tensorboard: str, access: StorageAccess) -> None:
+    """The metrics of both models as TensorBoard points in the run's curves folder."""
+    with tempfile.TemporaryDirectory(prefix="embedtune-curves-") as folder:
+        if write_evaluation_logs(report, Path(folder)):
+            open_storage(tensorboard, access).upload_dir(Path(folder), EVALUATION_LOGS, desc="upload evaluation curves")
+
+
 def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> MetricsReport:
     """Load the evaluation set and the models (local paths, s3:// URIs or hub ids) and
     return the metrics report."""
@@ -162,6 +170,8 @@ def evaluate(config: EvaluationConfig) -> MetricsReport:
         print(format_table(report, config.k_values))
     if config.output:
         write_report(report, config.output, config.storage)
+    if config.tensorboard:
+        add_to_curves(report, config.tensorboard, config.storage)
     if config.run is not None and config.run.report_status:
         from .status import patch_status_metrics
 

@@ -52,6 +52,10 @@ class RunLayout:
     def eval_prefix(self) -> str:
         return join(self.run_prefix, "eval")
 
+    @property
+    def tensorboard_prefix(self) -> str:
+        return join(self.run_prefix, "tensorboard")
+
 
 def checkpoint_dir_name(step: int) -> str:
     # The same name HF's Trainer gives its checkpoint folders.

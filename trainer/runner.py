@@ -73,6 +73,7 @@ class ProcessedCounter:
         self.device = device
         self._queries = self._padded_tokens = 0
         self._tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self._since = time.monotonic()
 
     def count(self, inputs: dict) -> None:
         for side in ("queries", "passages"):
@@ -84,8 +85,9 @@ class ProcessedCounter:
                 if side == "queries":
                     self._queries += mask.shape[0]
 
-    def take(self) -> dict[str, int]:
-        """The counts since the last call, over every rank (all ranks must call it together)."""
+    def take(self) -> dict[str, float]:
+        """The counts since the last call, over every rank, and their rates (all ranks must
+        call it together)."""
         counts = torch.tensor([self._queries, 0, self._padded_tokens], device=self.device)
         counts[1] += self._tokens
         if dist.is_available() and dist.is_initialized():
@@ -93,7 +95,12 @@ class ProcessedCounter:
         queries, tokens, padded_tokens = counts.tolist()
         self._queries = self._padded_tokens = 0
         self._tokens.zero_()
-        return {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
+        now, elapsed = time.monotonic(), time.monotonic() - self._since
+        self._since = now
+        taken = {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
+        if elapsed > 0:
+            taken |= {"samples_per_second": queries / elapsed, "tokens_per_second": tokens / elapsed}
+        return taken
 
 
 class EmbedtuneTrainer(EncoderOnlyEmbedderTrainer):
@@ -289,7 +296,8 @@ def build_training_arguments(config: TrainerConfig, output_dir: Path) -> Encoder
         save_strategy="steps",
         save_steps=config.checkpoint.every_steps,
         save_total_limit=config.checkpoint.keep,
-        report_to="none",
+        # TensorBoard is always written (tracking.tensorboard_callback, into the run's storage)
+        report_to=list(t.trackers) or "none",
         dataloader_num_workers=0,
         log_level="info",
         log_level_replica="warning",

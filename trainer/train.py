@@ -14,6 +14,7 @@ credentials; retrying cannot help), 75 storage stayed unreachable for `storage.r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -207,6 +208,7 @@ def _run_training(
         StopOnSignal,
         build_model_and_data_arguments,
     )
+    from .tracking import TRAINING_LOGS, FolderMirror, tensorboard_callback
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
@@ -226,8 +228,16 @@ def _run_training(
         )
     model_args, data_args = build_model_and_data_arguments(config, model_path, train_file)
     stop = StopOnSignal()
+    # rank 0 writes the curves; the upload thread stores them as training goes
+    curves = FolderMirror(store.storage, work / "tensorboard", store.layout.tensorboard_prefix)
+    upload_curves = functools.partial(uploader.run_later, curves.sync) if rank == 0 and uploader else None
     # the guard first: a checkpoint it refuses never reaches the uploader
-    callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
+    callbacks = [
+        DivergenceGuard(config.training),
+        CheckpointCallback(uploader),
+        stop,
+        tensorboard_callback(curves.local_dir / TRAINING_LOGS, upload_curves, config.progress_interval_seconds),
+    ]
     runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:

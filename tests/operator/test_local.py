@@ -76,6 +76,14 @@ def embedtune_run(manifest: Path, cwd: Path, *extra: str) -> subprocess.Complete
     )
 
 
+def training_curve_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
 def final_status(result: subprocess.CompletedProcess) -> dict:
     return yaml.safe_load(result.stdout[result.stdout.index("status:") :])["status"]
 
@@ -122,6 +130,20 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
         assert status["metrics"]["deltaInterval"][key] == {name: float(f"{v:.4g}") for name, v in interval.items()}
     interval = stored_metrics["deltaInterval"]["ndcg@10"]
     assert row[4:] == [f"[{interval['low']:+.4f},", f"{interval['high']:+.4f}]"]
+    # the curves in the run's storage: the training's, and the evaluation's metrics of both models
+    curves = tmp_path / "curves"
+    storage.download_dir(run.tensorboard_prefix, curves)
+    assert training_curve_tags(curves / "training") >= {
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_second",
+        "train/tokens_per_second",
+    }
+    for role in ("baseline", "finetuned"):
+        assert "evaluation/ndcg@10" in training_curve_tags(curves / "evaluation" / role)
+    assert f"curves: tensorboard --logdir {storage.uri_for(run.tensorboard_prefix)}" not in result.stdout  # s3
+    assert f"aws s3 sync {storage.uri_for(run.tensorboard_prefix)} " in result.stdout
     # what the jobs print goes to stderr: stdout is exactly the result, its table printed once
     assert '"model":' not in result.stdout
     assert (result.stdout + result.stderr).count("ndcg@10 ") == 1
