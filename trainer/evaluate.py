@@ -25,6 +25,7 @@ from .data import EvalSet
 from .encoding import encode_passages, encode_queries, load_encoder
 from .evalset import judgments, load_eval_set, passage_text
 from .metrics import metric_keys, paired_bootstrap_intervals, per_query_metrics
+from .model_card import MODEL_CARD, update_model_card
 from .search import NO_RESULT, search
 from .storage import fetch_to_local, open_storage
 from .tracking import EVALUATION_LOGS, write_evaluation_logs
@@ -172,6 +173,8 @@ def evaluate(config: EvaluationConfig) -> MetricsReport:
         write_report(report, config.output, config.storage)
     if config.tensorboard:
         add_to_curves(report, config.tensorboard, config.storage)
+    if config.run is not None and update_model_card(config.model, report, config.k_values, config.storage):
+        logger.info("model card updated with the metrics: %s/%s", config.model.rstrip("/"), MODEL_CARD)
     if config.run is not None and config.run.report_status:
         from .status import patch_status_metrics
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .config import ModelSpec
+from .model_card import MODEL_CARD, render_model_card
 
 # Written next to the sentence-transformers files: how the model was made (its settings, the
 # run, the base model), for people and tools; loaders do not read it (the sentence-transformers
@@ -22,8 +23,10 @@ def export_sentence_transformers(hf_dir: Path, out_dir: Path, spec: ModelSpec, *
     model = build_sentence_transformer(hf_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir))
-    card = {"model": spec.to_dict()} | (extra or {})
-    (out_dir / TRAINING_RECORD).write_text(json.dumps(card, indent=2))
+    record = {"model": spec.to_dict()} | (extra or {})
+    (out_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
+    # sentence-transformers wrote a generic card: ours says what this model is (not evaluated yet)
+    (out_dir / MODEL_CARD).write_text(render_model_card(record, None))
     return out_dir
 
 

@@ -54,8 +54,13 @@ class FolderMirror:
 
 def tensorboard_callback(folder: Path, upload: Callable[[], None] | None, interval_seconds: float):
     """HF's TensorBoard writer, writing into `folder`; `upload` (when this process stores the
-    curves) is called at most every `interval_seconds` after a log, and at the end."""
-    from transformers.integrations import TensorBoardCallback
+    curves) is called at most every `interval_seconds` after a log, and at the end. None
+    without the tensorboard package (an install without the trainer extra)."""
+    from transformers.integrations import TensorBoardCallback, is_tensorboard_available
+
+    if not is_tensorboard_available():
+        logger.warning("tensorboard is not installed: no training curves (pip install 'embedtune[trainer]')")
+        return None
 
     class TensorBoardUpload(TensorBoardCallback):
         def __init__(self):

@@ -148,7 +148,13 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
                 storage,
                 layout,
                 output_dir / checkpoint_dir_name(final_step),
-                {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
+                {
+                    "step": final_step,
+                    "finalLoss": final_loss,
+                    "trainRecords": prepared.train_records,
+                    "data": config.data.to_dict(),
+                    "settings": config.training.to_dict(),
+                },
             )
         except StorageUnavailable as exc:  # the final checkpoint is stored: a new attempt only exports
             raise StorageUnavailable(f"the model was not stored: {exc}; {store.resume_hint(final_step)}") from exc
@@ -232,12 +238,11 @@ def _run_training(
     curves = FolderMirror(store.storage, work / "tensorboard", store.layout.tensorboard_prefix)
     upload_curves = functools.partial(uploader.run_later, curves.sync) if rank == 0 and uploader else None
     # the guard first: a checkpoint it refuses never reaches the uploader
-    callbacks = [
-        DivergenceGuard(config.training),
-        CheckpointCallback(uploader),
-        stop,
-        tensorboard_callback(curves.local_dir / TRAINING_LOGS, upload_curves, config.progress_interval_seconds),
-    ]
+    callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
+    if tensorboard := tensorboard_callback(
+        curves.local_dir / TRAINING_LOGS, upload_curves, config.progress_interval_seconds
+    ):
+        callbacks.append(tensorboard)
     runner = EmbedtuneRunner(model_args, data_args, training_args, callbacks=callbacks)
     runner.trainer.add_callback(ProgressCallback(reporter, runner.model))
     try:
