@@ -351,10 +351,36 @@ class LocalRun:
         metrics = self.metrics_report().status().model_dump(by_alias=True)
         self.resource["status"] = merge_patch(self.status, {"metrics": metrics})
 
+    @property
+    def current_run(self) -> Run:
+        return Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+
+    def store_picture(self, report: MetricsReport | None) -> str | None:
+        """The run's picture (loss curve, gate metric of both models) next to its other files;
+        where it is, or None without a stored checkpoint or without matplotlib."""
+        from embedtune.trainer.run_picture import RUN_PICTURE, draw_run, losses_of
+
+        checkpoint = self.status.get("checkpoint")
+        if checkpoint is None:
+            return None
+        run = self.current_run
+        state = self.storage.read_bytes(join(run.layout.checkpoint_prefix(checkpoint["step"]), "trainer_state.json"))
+        gate = self.spec.evaluation.gate
+        ks = self.spec.evaluation.k_values
+        metric = gate.metric if gate is not None else f"ndcg@{10 if 10 in ks else ks[0]}"
+        title = f"{run.namespace}/{run.name} run {run.run_id}: {self.spec.model.base.rsplit('/', 1)[-1]}"
+        png = draw_run(title, losses_of(state) if state else [], report, metric)
+        if png is None:
+            print("no picture of the run: matplotlib is not installed", file=sys.stderr)
+            return None
+        key = join(run.layout.run_prefix, RUN_PICTURE)
+        self.storage.write_bytes(key, png)
+        return self.storage.uri_for(key)
+
     def tensorboard_command(self) -> str:
         """The command that shows the run's curves (TensorBoard reads local folders; an S3
         folder is copied first)."""
-        run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+        run = self.current_run
         uri = self.storage.uri_for(run.layout.tensorboard_prefix)
         if uri.startswith("s3://"):
             local = f"./tensorboard-{run.run_id}"
@@ -362,7 +388,7 @@ class LocalRun:
         return f"tensorboard --logdir {uri}"
 
     def metrics_report(self) -> MetricsReport | None:
-        run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+        run = self.current_run
         stored = self.storage.read_bytes(metrics_key(run))
         return MetricsReport.model_validate_json(stored) if stored else None
 
@@ -435,5 +461,7 @@ def print_summary(run: LocalRun) -> None:
         print(f"model: {run.status['model']['uri']}")
     if run.status.get("runId"):
         print(f"curves: {run.tensorboard_command()}")
+    if picture := run.store_picture(report):
+        print(f"picture: {picture}")
     print(f"resource: {run.storage.uri_for(run.resource_key)}")
     print(yaml.safe_dump({"status": run.status}, sort_keys=False), end="")

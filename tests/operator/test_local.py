@@ -130,6 +130,9 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
         assert status["metrics"]["deltaInterval"][key] == {name: float(f"{v:.4g}") for name, v in interval.items()}
     interval = stored_metrics["deltaInterval"]["ndcg@10"]
     assert row[4:] == [f"[{interval['low']:+.4f},", f"{interval['high']:+.4f}]"]
+    # the picture of the run, next to it
+    assert f"picture: {storage.uri_for(run.run_prefix)}/run.png" in result.stdout
+    assert storage.read_bytes(f"{run.run_prefix}/run.png").startswith(b"\x89PNG")
     # the model's card, rewritten with the evaluation's metrics
     card = storage.read_bytes(f"{run.model_prefix}/README.md").decode()
     assert f"| ndcg@10 | {stored_metrics['baseline']['ndcg@10']:.4f} |" in card and "Not evaluated yet" not in card
