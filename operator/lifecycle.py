@@ -24,7 +24,7 @@ from embedtune.trainer.errors import InputError
 
 from .constants import LABEL_RUN_ID, Condition, Phase, Reason, Role
 from .defaults import ClusterDefaults
-from .failures import FailureKind, classify_failure, job_failed, job_succeeded
+from .failures import FailureKind, classify_failure, job_failed, job_succeeded, job_suspended
 from .render import (
     JobLaunch,
     Run,
@@ -253,7 +253,9 @@ class _Planner:
         if job is None:
             if not self.create_training_job(spec, run, attempt):
                 return
-            if resumed:
+            if self.queued(spec):
+                self.wait_for_admission(spec, name, Phase.PENDING)
+            elif resumed:
                 self.set_phase(Phase.PENDING, Reason.RESUMED, f"resumed from the last checkpoint as job {name}")
             elif self.current("reason") != Reason.INFRASTRUCTURE_FAILURE.value:
                 self.set_phase(Phase.PENDING, Reason.JOB_CREATED, f"training job {name} created")
@@ -267,8 +269,26 @@ class _Planner:
                 self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"training job {name} succeeded")
         elif job_failed(job):
             self.training_failed(spec, run, job)
+        elif job_suspended(job):
+            self.wait_for_admission(spec, name, Phase.PENDING)
         elif (job.get("status") or {}).get("ready", 0) >= 1 or (job.get("status") or {}).get("active", 0) >= 1:
             self.set_phase(Phase.TRAINING, Reason.TRAINING_STARTED, f"training job {name} is running")
+
+    def queued(self, spec: EmbeddingFinetuneSpec) -> bool:
+        """The Jobs are created suspended for Kueue (on a cluster; `embedtune run` runs them)."""
+        return self.on_cluster and spec.resources.queue_name is not None
+
+    def wait_for_admission(self, spec: EmbeddingFinetuneSpec, name: str, phase: Phase) -> None:
+        """A Job suspended for Kueue: not admitted yet, or preempted (its pods are gone; the next
+        ones resume from the last checkpoint). A waiting evaluation stays Evaluating, the phase
+        that decides what runs next."""
+        checkpoint = self.current("checkpoint") if phase is Phase.PENDING else None
+        resumes = f"; it resumes from checkpoint {checkpoint['step']}" if checkpoint else ""
+        self.set_phase(
+            phase,
+            Reason.WAITING_FOR_ADMISSION,
+            f"job {name} waits for Kueue to admit it from LocalQueue {spec.resources.queue_name}{resumes}",
+        )
 
     def create_training_job(self, spec: EmbeddingFinetuneSpec, run: Run, attempt: int) -> bool:
         """Plans the Job of this attempt with the rest of the run's deadline; False if none is left."""
@@ -348,8 +368,14 @@ class _Planner:
             launch = plan_evaluation(spec, run, attempt)
             self.plan.launches.append(launch)
             self.plan.create.append(build_evaluation_job(spec, launch))
+            if self.queued(spec):
+                self.wait_for_admission(spec, name, Phase.EVALUATING)
         elif job_succeeded(job):
             self.evaluated(spec, name)
+        elif job_suspended(job):
+            self.wait_for_admission(spec, name, Phase.EVALUATING)
+        elif self.current("reason") == Reason.WAITING_FOR_ADMISSION.value:
+            self.set_phase(Phase.EVALUATING, Reason.ADMITTED, f"evaluation job {name} admitted by Kueue")
         elif job_failed(job):
             failure = classify_failure(job, self.pods_of(name), Role.EVALUATE.container)
             if failure.retryable and attempt <= spec.run_policy.max_restarts:

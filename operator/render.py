@@ -34,6 +34,7 @@ from .constants import (
     CONFIG_DIR,
     LABEL_ATTEMPT,
     LABEL_FINETUNE,
+    LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY,
     LABEL_ROLE,
     LABEL_RUN_ID,
@@ -389,10 +390,15 @@ def _job(spec: EmbeddingFinetuneSpec, launch: JobLaunch, command: list[str]) -> 
     }
     if launch.deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = launch.deadline_seconds
+    labels = launch.labels
+    if spec.resources.queue_name is not None:
+        # Kueue unsuspends the Job when it admits it, and suspends it again to preempt it
+        labels = labels | {LABEL_KUEUE_QUEUE: spec.resources.queue_name}
+        job_spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(launch.name, launch.run.namespace, launch.labels),
+        "metadata": _metadata(launch.name, launch.run.namespace, labels),
         "spec": job_spec,
     }
 

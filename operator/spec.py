@@ -80,6 +80,14 @@ class ResourcesSpec(CamelModel):
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods (preemption order).")
     scheduler_name: str | None = Field(None, description="E.g. a gang scheduler such as volcano.")
+    queue_name: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        max_length=DNS_LABEL_MAX_LENGTH,
+        description="A Kueue LocalQueue of the resource's namespace: the training and evaluation Jobs are created "
+        "suspended with its kueue.x-k8s.io/queue-name label, and run when Kueue admits them (phase Pending, reason "
+        "WaitingForAdmission, until then). A Job Kueue preempts resumes from its last checkpoint when admitted again.",
+    )
     service_account_annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Annotations of the job pods' service account, e.g. eks.amazonaws.com/role-arn for IRSA.",
