@@ -23,6 +23,8 @@ LABEL_FINETUNE = f"{GROUP}/finetune"
 LABEL_RUN_ID = f"{GROUP}/run-id"
 LABEL_ROLE = f"{GROUP}/role"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+# Kueue admits Jobs that carry this label (and are created suspended) from the named LocalQueue.
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 # The job pods find their configs (contract.TRAINER_CONFIG_FILE, EVALUATION_CONFIG_FILE) here.
 CONFIG_DIR = "/etc/embedtune"
@@ -90,6 +92,8 @@ class Reason(StrEnum):
     GATE_PASSED = "GatePassed"
     GATE_NOT_MET = "GateNotMet"
     METRICS_MISSING = "MetricsMissing"
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    ADMITTED = "Admitted"
 
 
 # The trainer image of this release; `embedtune operator --trainer-image` overrides it.

@@ -54,6 +54,11 @@ def job_failed(job: dict[str, Any]) -> bool:
     return job_condition(job, "Failed") is not None
 
 
+def job_suspended(job: dict[str, Any]) -> bool:
+    """Created suspended and not admitted yet, or suspended again (Kueue's preemption)."""
+    return bool((job.get("spec") or {}).get("suspend"))
+
+
 def classify_failure(job: dict[str, Any], pods: list[dict[str, Any]], container: str) -> Failure:
     """The failure of a failed Job; an input error in any pod wins over everything else."""
     failed = job_condition(job, "Failed") or {}

@@ -24,7 +24,7 @@ from embedtune.trainer.errors import InputError
 
 from .constants import LABEL_RUN_ID, Condition, Phase, Reason, Role
 from .defaults import ClusterDefaults
-from .failures import FailureKind, classify_failure, job_failed, job_succeeded
+from .failures import FailureKind, classify_failure, job_failed, job_succeeded, job_suspended
 from .memory import plan_memory
 from .render import (
     JobLaunch,
@@ -38,7 +38,7 @@ from .render import (
     run_id_of,
     training_job_name,
 )
-from .spec import EmbeddingFinetuneSpec, parse_finetune
+from .spec import EmbeddingFinetuneSpec, QualityGate, parse_finetune
 
 # The training pods' progress fields, cleared when a new run starts.
 TRAINER_PROGRESS_FIELDS = TrainingProgress.status_keys()
@@ -254,7 +254,9 @@ class _Planner:
         if job is None:
             if not self.create_training_job(spec, run, attempt):
                 return
-            if resumed:
+            if self.queued(spec):
+                self.wait_for_admission(spec, name, Phase.PENDING)
+            elif resumed:
                 self.set_phase(Phase.PENDING, Reason.RESUMED, f"resumed from the last checkpoint as job {name}")
             elif self.current("reason") != Reason.INFRASTRUCTURE_FAILURE.value:
                 self.set_phase(Phase.PENDING, Reason.JOB_CREATED, f"training job {name} created")
@@ -268,8 +270,26 @@ class _Planner:
                 self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"training job {name} succeeded")
         elif job_failed(job):
             self.training_failed(spec, run, job)
+        elif job_suspended(job):
+            self.wait_for_admission(spec, name, Phase.PENDING)
         elif (job.get("status") or {}).get("ready", 0) >= 1 or (job.get("status") or {}).get("active", 0) >= 1:
             self.set_phase(Phase.TRAINING, Reason.TRAINING_STARTED, f"training job {name} is running")
+
+    def queued(self, spec: EmbeddingFinetuneSpec) -> bool:
+        """The Jobs are created suspended for Kueue (on a cluster; `embedtune run` runs them)."""
+        return self.on_cluster and spec.resources.queue_name is not None
+
+    def wait_for_admission(self, spec: EmbeddingFinetuneSpec, name: str, phase: Phase) -> None:
+        """A Job suspended for Kueue: not admitted yet, or preempted (its pods are gone; the next
+        ones resume from the last checkpoint). A waiting evaluation stays Evaluating, the phase
+        that decides what runs next."""
+        checkpoint = self.current("checkpoint") if phase is Phase.PENDING else None
+        resumes = f"; it resumes from checkpoint {checkpoint['step']}" if checkpoint else ""
+        self.set_phase(
+            phase,
+            Reason.WAITING_FOR_ADMISSION,
+            f"job {name} waits for Kueue to admit it from LocalQueue {spec.resources.queue_name}{resumes}",
+        )
 
     def create_training_job(self, spec: EmbeddingFinetuneSpec, run: Run, attempt: int) -> bool:
         """Plans the Job of this attempt with the rest of the run's deadline; False if none is left."""
@@ -356,8 +376,14 @@ class _Planner:
             launch = plan_evaluation(spec, run, attempt)
             self.plan.launches.append(launch)
             self.plan.create.append(build_evaluation_job(spec, launch))
+            if self.queued(spec):
+                self.wait_for_admission(spec, name, Phase.EVALUATING)
         elif job_succeeded(job):
             self.evaluated(spec, name)
+        elif job_suspended(job):
+            self.wait_for_admission(spec, name, Phase.EVALUATING)
+        elif self.current("reason") == Reason.WAITING_FOR_ADMISSION.value:
+            self.set_phase(Phase.EVALUATING, Reason.ADMITTED, f"evaluation job {name} admitted by Kueue")
         elif job_failed(job):
             failure = classify_failure(job, self.pods_of(name), Role.EVALUATE.container)
             if failure.retryable and attempt <= spec.run_policy.max_restarts:
@@ -385,26 +411,9 @@ class _Planner:
         if gate is None:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded")
             return
-        # the gate reads the model spec.merge.gated names (the shipped one by default), in gate.mode
-        field = "mergedDelta" if spec.merge is not None and spec.merge.gated == "merged" else "delta"
-        scores = metrics if gate.mode == "dense" else ((metrics or {}).get("modes") or {}).get(gate.mode)
-        delta = ((scores or {}).get(field) or {}).get(gate.metric)
-        name = gate.metric if gate.mode == "dense" else f"{gate.mode} {gate.metric}"
-        if delta is None:
-            where = "status.metrics" if gate.mode == "dense" else f"status.metrics.modes.{gate.mode}"
-            passed, reason, message = None, Reason.METRICS_MISSING, f"{where}.{field} has no {gate.metric}"
-        elif delta >= gate.min_improvement:
-            passed, reason, message = (
-                True,
-                Reason.GATE_PASSED,
-                (f"{name} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
-            )
-        else:
-            passed, reason, message = (
-                False,
-                Reason.GATE_NOT_MET,
-                (f"{name} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
-            )
+        # the gate reads the model spec.merge.gated names (the shipped one by default)
+        merged = spec.merge is not None and spec.merge.gated == "merged"
+        passed, reason, message = gate_verdict(gate, metrics or {}, merged=merged)
         self.gate_condition = self.condition({}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
         if passed:
             self.set_phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"evaluation job {name} succeeded; {message}")
@@ -432,3 +441,33 @@ def plan_reconcile(
     """What to do for `finetune` given its Jobs and their pods; see the module docstring.
     `on_cluster=False` is `embedtune run`, where storage and data may be local paths."""
     return _Planner(finetune, jobs, pods, defaults, now, on_cluster).run()
+
+
+def gate_verdict(
+    gate: QualityGate, metrics: dict[str, Any], *, merged: bool = False
+) -> tuple[bool | None, Reason, str]:
+    """Whether status.metrics pass the quality gate (None: they cannot tell), why, and the
+    message saying so: the delta (or its interval's lower bound) in gate.mode, of the
+    fine-tuned model or, with `merged`, of the merged one."""
+    field = "mergedDelta" if merged else "delta"
+    if gate.mode == "dense":
+        scores, where, name = metrics, "status.metrics", gate.metric
+    else:
+        scores = (metrics.get("modes") or {}).get(gate.mode) or {}
+        where, name = f"status.metrics.modes.{gate.mode}", f"{gate.mode} {gate.metric}"
+    delta = (scores.get(field) or {}).get(gate.metric)
+    interval = (scores.get(f"{field}Interval") or {}).get(gate.metric)
+    if delta is None:
+        return None, Reason.METRICS_MISSING, f"{where}.{field} has no {gate.metric}"
+    described = f"{name} changed by {delta:+.4f}"
+    if interval is not None:
+        described += f" (95% interval {interval['low']:+.4f} to {interval['high']:+.4f})"
+    if gate.compare == "lowerBound":
+        if interval is None:
+            return None, Reason.METRICS_MISSING, f"{where}.{field}Interval has no {gate.metric}"
+        compared, required = interval["low"], f"a lower bound of at least {gate.min_improvement} required"
+    else:
+        compared, required = delta, f"at least {gate.min_improvement} required"
+    if compared >= gate.min_improvement:
+        return True, Reason.GATE_PASSED, f"{described}; {required}"
+    return False, Reason.GATE_NOT_MET, f"{described}; {required}"

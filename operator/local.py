@@ -327,11 +327,14 @@ class LocalRun:
 
     @staticmethod
     def local_config(config: TrainerConfig | EvaluationConfig, work: Path) -> TrainerConfig | EvaluationConfig:
-        """The pod's config as this machine runs it: its emptyDir is a local folder, and what it
-        would patch into the status it leaves in files this executor reads (it is the API here)."""
+        """The pod's config as this machine runs it: its emptyDir is a local folder, what it
+        would patch into the status it leaves in files this executor reads (it is the API here),
+        and the metrics table is printed once, with the run's result."""
         update: dict[str, Any] = {"run": config.run.model_copy(update={"report_status": False})}
         if isinstance(config, TrainerConfig):
             update["work_dir"] = str(work)
+        else:
+            update["print_table"] = False
         return config.model_copy(update=update)
 
     def training_command(self, job: LocalJob, config_file: Path) -> list[str]:
@@ -340,6 +343,7 @@ class LocalRun:
         nproc = self.options.nproc_per_node or local_processes()
         # spec.resources sizes cluster pods; here the machine's own devices decide
         print(f"training job {job.name}: {nproc} process(es) on this machine", file=sys.stderr)
+        print(f"training curves, updated as it goes: {self.tensorboard_command()}", file=sys.stderr)
         return local_trainer_command(config_file, nproc)
 
     def report_training(self, work: Path) -> None:
@@ -360,8 +364,44 @@ class LocalRun:
         metrics = self.metrics_report().status().model_dump(by_alias=True)
         self.resource["status"] = merge_patch(self.status, {"metrics": metrics})
 
+    @property
+    def current_run(self) -> Run:
+        return Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+
+    def store_picture(self, report: MetricsReport | None) -> str | None:
+        """The run's picture (loss curve, gate metric of both models) next to its other files;
+        where it is, or None without a stored checkpoint or without matplotlib."""
+        from embedtune.trainer.run_picture import RUN_PICTURE, draw_run, losses_of
+
+        checkpoint = self.status.get("checkpoint")
+        if checkpoint is None:
+            return None
+        run = self.current_run
+        state = self.storage.read_bytes(join(run.layout.checkpoint_prefix(checkpoint["step"]), "trainer_state.json"))
+        gate = self.spec.evaluation.gate
+        ks = self.spec.evaluation.k_values
+        metric = gate.metric if gate is not None else f"ndcg@{10 if 10 in ks else ks[0]}"
+        title = f"{run.namespace}/{run.name} run {run.run_id}: {self.spec.model.base.rsplit('/', 1)[-1]}"
+        png = draw_run(title, losses_of(state) if state else [], report, metric)
+        if png is None:
+            print("no picture of the run: matplotlib is not installed", file=sys.stderr)
+            return None
+        key = join(run.layout.run_prefix, RUN_PICTURE)
+        self.storage.write_bytes(key, png)
+        return self.storage.uri_for(key)
+
+    def tensorboard_command(self) -> str:
+        """The command that shows the run's curves (TensorBoard reads local folders; an S3
+        folder is copied first)."""
+        run = self.current_run
+        uri = self.storage.uri_for(run.layout.tensorboard_prefix)
+        if uri.startswith("s3://"):
+            local = f"./tensorboard-{run.run_id}"
+            return f"aws s3 sync {uri} {local} && tensorboard --logdir {local}"
+        return f"tensorboard --logdir {uri}"
+
     def metrics_report(self) -> MetricsReport | None:
-        run = Run(self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"], self.status["runId"])
+        run = self.current_run
         stored = self.storage.read_bytes(metrics_key(run))
         return MetricsReport.model_validate_json(stored) if stored else None
 
@@ -432,5 +472,9 @@ def print_summary(run: LocalRun) -> None:
         print(format_table(report, run.spec.evaluation.k_values))
     if run.status.get("model"):
         print(f"model: {run.status['model']['uri']}")
+    if run.status.get("runId"):
+        print(f"curves: {run.tensorboard_command()}")
+    if picture := run.store_picture(report):
+        print(f"picture: {picture}")
     print(f"resource: {run.storage.uri_for(run.resource_key)}")
     print(yaml.safe_dump({"status": run.status}, sort_keys=False), end="")

@@ -34,6 +34,7 @@ from .constants import (
     CONFIG_DIR,
     LABEL_ATTEMPT,
     LABEL_FINETUNE,
+    LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY,
     LABEL_ROLE,
     LABEL_RUN_ID,
@@ -166,7 +167,10 @@ def evaluation_config(spec: EmbeddingFinetuneSpec, run: Run) -> EvaluationConfig
         dimensions=spec.training.matryoshka_dims,
         hybrid_weights=spec.evaluation.hybrid_weights,
         rerank_depth=spec.evaluation.rerank_depth,
+        bootstrap_resamples=spec.evaluation.bootstrap_resamples,
+        seed=spec.training.seed,
         output=storage_uri(spec, metrics_key(run)),
+        tensorboard=storage_uri(spec, run.layout.tensorboard_prefix),
         storage=spec.storage.access(),
         run=run.identity(),
     )
@@ -396,10 +400,15 @@ def _job(spec: EmbeddingFinetuneSpec, launch: JobLaunch, command: list[str]) -> 
     }
     if launch.deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = launch.deadline_seconds
+    labels = launch.labels
+    if spec.resources.queue_name is not None:
+        # Kueue unsuspends the Job when it admits it, and suspends it again to preempt it
+        labels = labels | {LABEL_KUEUE_QUEUE: spec.resources.queue_name}
+        job_spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(launch.name, launch.run.namespace, launch.labels),
+        "metadata": _metadata(launch.name, launch.run.namespace, labels),
         "spec": job_spec,
     }
 

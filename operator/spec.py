@@ -88,6 +88,14 @@ class ResourcesSpec(CamelModel):
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods (preemption order).")
     scheduler_name: str | None = Field(None, description="E.g. a gang scheduler such as volcano.")
+    queue_name: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        max_length=DNS_LABEL_MAX_LENGTH,
+        description="A Kueue LocalQueue of the resource's namespace: the training and evaluation Jobs are created "
+        "suspended with its kueue.x-k8s.io/queue-name label, and run when Kueue admits them (phase Pending, reason "
+        "WaitingForAdmission, until then). A Job Kueue preempts resumes from its last checkpoint when admitted again.",
+    )
     service_account_annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Annotations of the job pods' service account, e.g. eks.amazonaws.com/role-arn for IRSA.",
@@ -102,6 +110,11 @@ class QualityGate(CamelModel):
         description="The scoring mode whose metric is read: dense; sparse, colbert or hybrid (model.outputs "
         "[dense, sparse, colbert]); dense-DIM for a training.matryoshkaDims dimension.",
     )
+    compare: Literal["delta", "lowerBound"] = Field(
+        "delta",
+        description="What must reach minImprovement: the delta itself, or the lower bound of its 95% "
+        "confidence interval (pass only when the gain is sure, not luck of the evaluation queries).",
+    )
 
 
 class EvaluationSpec(CamelModel):
@@ -112,6 +125,9 @@ class EvaluationSpec(CamelModel):
         default_factory=lambda: [1, 10, 100], min_length=1, description="Cut-offs k of the metrics."
     )
     gpus: int = Field(1, ge=0, le=8, description="nvidia.com/gpu of the evaluation pod; 0 runs on CPU.")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100000, description="Resamples of the paired bootstrap behind each delta's 95% interval."
+    )
     gate: QualityGate | None = Field(
         None,
         description="Fail the run when the fine-tuned model (or the merged one: merge.gate) does not improve enough.",

@@ -58,6 +58,17 @@ def publish_dir(storage: Storage, local_dir: Path, prefix: str, *, desc: str, ex
     return storage.uri_for(prefix)
 
 
+def replace_published_file(storage: Storage, prefix: str, name: str, data: bytes) -> None:
+    """Replace one file of a published folder (a model's card) and its entry in the completion
+    marker, so the marker still describes every file."""
+    marker_key = join(prefix, COMPLETE_MARKER)
+    marker = json.loads(storage.read_bytes(marker_key))
+    storage.write_bytes(join(prefix, name), data)
+    entry = FileEntry(name, len(data), hashlib.sha256(data).hexdigest())
+    marker["files"] = [f for f in marker["files"] if f["path"] != name] + [asdict(entry)]
+    storage.write_bytes(marker_key, json.dumps(marker, indent=1).encode())
+
+
 def is_published(storage: Storage, prefix: str) -> bool:
     return storage.exists(join(prefix, COMPLETE_MARKER))
 
@@ -259,6 +270,11 @@ class CheckpointUploader:
                 )
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
+
+    def run_later(self, task: Callable[[], None]) -> None:
+        """Run a small upload (the training curves) on the upload thread, after what is queued
+        there; it handles its own failures."""
+        self._pool.submit(task)
 
     def wait(self) -> None:
         """Until the checkpoint in flight is stored; raises what its upload raised."""

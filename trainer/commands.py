@@ -44,6 +44,8 @@ def run_command(command, args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     quiet_transport_loggers()
+    # faiss logs each CPU build it tries, failures included (as ModuleNotFoundError), at INFO
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return command(args)
     except InputError as exc:

@@ -355,6 +355,12 @@ class TrainingSpec(CamelModel):
         "(0: the training process does it between steps). Unset: one less than the CPUs per GPU, at most 4; "
         "0 on machines without a GPU, where the CPUs compute the model itself.",
     )
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers to log to as well, through their Hugging Face integration (install "
+        "embedtune[mlflow] or embedtune[wandb]; they read their usual environment, e.g. MLFLOW_TRACKING_URI). "
+        "TensorBoard curves are always written to the run's storage.",
+    )
 
     @field_validator("matryoshka_dims")
     @classmethod

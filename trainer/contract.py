@@ -168,8 +168,18 @@ class EvaluationConfig(CamelModel):
     hybrid_weights: HybridWeights = Field(default_factory=HybridWeights)
     rerank_depth: int = Field(100, ge=1, description="Dense candidates per query that colbert and hybrid re-rank.")
     output: str | None = Field(None, description="Where metrics.json is written: a path or storage URI.")
+    tensorboard: str | None = Field(
+        None, description="The run's TensorBoard folder (path or storage URI): the metrics are added to the curves."
+    )
     storage: StorageAccess = Field(default_factory=StorageAccess)
     run: RunIdentity | None = Field(None, description="The resource whose status.metrics to patch, if any.")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100000, description="Resamples of the paired bootstrap behind each delta's interval."
+    )
+    seed: int = Field(0, description="Seeds the bootstrap: the same scores give the same intervals.")
+    print_table: bool = Field(
+        True, description="Print the metrics table (`embedtune run` prints it once, with the run's result)."
+    )
 
 
 Config = TypeVar("Config", TrainerConfig, EvaluationConfig)
@@ -226,7 +236,7 @@ class TrainingProgress(CamelModel):
         """The status fields, rounded to what a reader can use; the learning rate stays in the logs."""
         status: dict[str, Any] = {"step": self.step, "totalSteps": self.total_steps, "epoch": round(self.epoch, 3)}
         if self.loss is not None:
-            status["loss"] = round(self.loss, 5)
+            status["loss"] = significant(self.loss)
         if self.samples_per_second is not None:
             status["samplesPerSecond"] = round(self.samples_per_second, 2)
         if self.tokens_per_second is not None:
@@ -263,13 +273,52 @@ class ProgressFile(CamelModel):
 
 Metrics = dict[str, float]  # "ndcg@10" -> value
 
+# Digits of a number in the status, where people read it: a mean over a thousand queries is
+# uncertain in its second or third digit, so more digits (or 0.5922000000000001) are noise.
+STATUS_DIGITS = 4
+
+
+def significant(value: float, digits: int = STATUS_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits: 0.5922000000000001 -> 0.5922."""
+    return float(f"{value:.{digits}g}")
+
+
+def _rounded(value: Any) -> Any:
+    """Every float in `value` (nested dicts and lists) to STATUS_DIGITS significant digits."""
+    if isinstance(value, float):
+        return significant(value)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+# Of the interval around each delta.
+CONFIDENCE = 0.95
+
+
+class ConfidenceInterval(CamelModel):
+    """Where the true gain lies with 95% confidence, by a paired bootstrap over the queries."""
+
+    low: float
+    high: float
+
+
+Intervals = dict[str, ConfidenceInterval]
+
 
 class ModeMetrics(CamelModel):
-    """Each model's metric@k in one scoring mode, and fine-tuned minus baseline."""
+    """Each model's metric@k in one scoring mode, fine-tuned minus baseline, and how sure that gain is."""
 
     baseline: Metrics | None = None
     finetuned: Metrics
     delta: Metrics | None = None
+    delta_interval: Intervals | None = Field(
+        None,
+        description="95% confidence interval of each delta: a paired bootstrap over the evaluation queries. "
+        "A low above 0 means the gain is not luck of the query sample.",
+    )
 
 
 class RetentionMetrics(CamelModel):
@@ -288,17 +337,21 @@ class StatusMetrics(ModeMetrics):
     modes: dict[str, ModeMetrics] | None = None
     merged: Metrics | None = None
     merged_delta: Metrics | None = None
+    merged_delta_interval: Intervals | None = Field(None, description="95% confidence interval of each mergedDelta.")
     retention: RetentionMetrics | None = None
 
 
 class MetricsReport(StatusMetrics):
-    """metrics.json, written next to the model by the evaluation."""
+    """metrics.json, written next to the model by the evaluation, with exact values."""
 
     queries: int
     corpus: int
+    bootstrap_resamples: int | None = Field(None, description="Resamples behind the delta intervals.")
 
     def status(self) -> StatusMetrics:
-        return StatusMetrics.model_validate(self.model_dump(include=set(StatusMetrics.model_fields)))
+        """status.metrics: the same numbers, to STATUS_DIGITS significant digits (the quality
+        gate compares the delta as the status shows it)."""
+        return StatusMetrics.model_validate(_rounded(self.model_dump(include=set(StatusMetrics.model_fields))))
 
 
 class FailureClass(StrEnum):

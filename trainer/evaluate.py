@@ -21,6 +21,8 @@ import numpy as np
 
 from .config import StorageAccess
 from .contract import (
+    CONFIDENCE,
+    ConfidenceInterval,
     EvaluationConfig,
     HybridWeights,
     IndexKind,
@@ -34,14 +36,18 @@ from .contract import (
 from .data import EvalSet
 from .encoding import encode_passages, encode_queries, has_m3_heads, load_encoder, load_m3_encoder, model_settings
 from .evalset import judgments, load_eval_set, passage_text
-from .metrics import metric_keys, retrieval_metrics
+from .metrics import metric_keys, paired_bootstrap_intervals, per_query_metrics
+from .model_card import MODEL_CARD, update_model_card
 from .search import NO_RESULT, search
 from .storage import fetch_to_local, open_storage
+from .tracking import EVALUATION_LOGS, write_evaluation_logs
 
 logger = logging.getLogger(__name__)
 
+PerQuery = dict[str, np.ndarray]  # "ndcg@10" -> the metric of every judged query
 
-def evaluate_model(
+
+def score_queries(
     model,
     eval_set: EvalSet,
     ks: Sequence[int],
@@ -55,10 +61,11 @@ def evaluate_model(
     hybrid_weights: HybridWeights | None = None,
     rerank_depth: int = 100,
     padding_free: bool | None = None,
-) -> dict[str, Metrics]:
-    """Every metric of one loaded model on the evaluation set, by scoring mode: "dense", each
-    Matryoshka `dimensions` ("dense-DIM"), and with the model's BGEM3FlagModel `m3` each of `modes`
-    (padding-free: see encoding.py)."""
+) -> dict[str, PerQuery]:
+    """Every metric of one loaded model for every judged query of the evaluation set (in the
+    order of its judgments: the same for every model, so two models' scores pair up), by
+    scoring mode: "dense", each Matryoshka `dimensions` ("dense-DIM"), and with the model's
+    BGEM3FlagModel `m3` each of `modes` (padding-free: see encoding.py)."""
     texts = [query["text"] for query in eval_set.queries]
     queries = encode_queries(model, texts, batch_size=batch_size, padding_free=padding_free)
     chunks = encode_passages(
@@ -93,12 +100,13 @@ def _leading(vectors: np.ndarray, dimension: int, normalize: bool) -> np.ndarray
     return cut
 
 
-def _metrics(positions: np.ndarray, eval_set: EvalSet, ks: Sequence[int]) -> Metrics:
+def _metrics(positions: np.ndarray, eval_set: EvalSet, ks: Sequence[int]) -> PerQuery:
     doc_ids = [passage["id"] for passage in eval_set.corpus]
     rankings = {
         query["id"]: [doc_ids[p] for p in row if p != NO_RESULT] for query, row in zip(eval_set.queries, positions)
     }
-    return retrieval_metrics(rankings, judgments(eval_set), ks)
+    _, per_query = per_query_metrics(rankings, judgments(eval_set), ks)
+    return per_query
 
 
 def m3_rankings(
@@ -181,37 +189,73 @@ def _top(scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.nda
     return np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), found, NO_RESULT)
 
 
+def evaluate_model(model, eval_set: EvalSet, ks: Sequence[int], **options) -> dict[str, Metrics]:
+    """Every metric of one loaded model by scoring mode, averaged over every judged query."""
+    return {mode: mean_metrics(per_query) for mode, per_query in score_queries(model, eval_set, ks, **options).items()}
+
+
+def mean_metrics(per_query: PerQuery) -> Metrics:
+    return {key: float(values.mean()) for key, values in per_query.items()}
+
+
 def metrics_report(
-    scores: dict[str, dict[str, Metrics]], eval_set: EvalSet, retention: dict[str, Metrics] | None = None
+    scores: dict[str, dict[str, PerQuery]],
+    eval_set: EvalSet,
+    retention: dict[str, Metrics] | None = None,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> MetricsReport:
-    """The report of each model's scores by role ("baseline", "finetuned", "merged") and mode:
-    dense at the top level, the fine-tuned and baseline models' other modes in `modes`; deltas
-    are against the baseline, unset without one (or for a mode the baseline was not scored in)."""
+    """The report of each model's per-query scores by role ("baseline", "finetuned", "merged")
+    and mode: dense at the top level, the fine-tuned and baseline models' other modes in `modes`.
+    Deltas are against the baseline, each with its paired-bootstrap interval; they are unset
+    without a baseline (or for a mode the baseline was not scored in)."""
     baseline, finetuned, merged = scores.get("baseline") or {}, scores["finetuned"], scores.get("merged") or {}
 
-    def minus_baseline(metrics: Metrics | None, mode: str = "dense") -> Metrics | None:
+    def compared(per_query: PerQuery | None, mode: str = "dense") -> tuple[Metrics | None, dict | None]:
         base = baseline.get(mode)
-        return {key: metrics[key] - base[key] for key in metrics} if base and metrics else None
+        if per_query is None or base is None:
+            return None, None
+        means, base_means = mean_metrics(per_query), mean_metrics(base)
+        bounds = paired_bootstrap_intervals(per_query, base, resamples=resamples, seed=seed, confidence=CONFIDENCE)
+        return (
+            {key: means[key] - base_means[key] for key in means},
+            {key: ConfidenceInterval(low=low, high=high) for key, (low, high) in bounds.items()},
+        )
 
-    modes = {
-        mode: ModeMetrics(baseline=baseline.get(mode), finetuned=found, delta=minus_baseline(found, mode))
-        for mode, found in finetuned.items()
-        if mode != "dense"
-    }
+    def means(per_query: PerQuery | None) -> Metrics | None:
+        return mean_metrics(per_query) if per_query is not None else None
+
+    modes = {}
+    for mode, per_query in finetuned.items():
+        if mode != "dense":
+            delta, interval = compared(per_query, mode)
+            modes[mode] = ModeMetrics(
+                baseline=means(baseline.get(mode)), finetuned=means(per_query), delta=delta, delta_interval=interval
+            )
+    delta, interval = compared(finetuned["dense"])
+    merged_delta, merged_interval = compared(merged.get("dense"))
     return MetricsReport(
-        baseline=baseline.get("dense"),
-        finetuned=finetuned["dense"],
-        delta=minus_baseline(finetuned["dense"]),
+        baseline=means(baseline.get("dense")),
+        finetuned=means(finetuned["dense"]),
+        delta=delta,
+        delta_interval=interval,
         modes=modes or None,
-        merged=merged.get("dense"),
-        merged_delta=minus_baseline(merged.get("dense")),
+        merged=means(merged.get("dense")),
+        merged_delta=merged_delta,
+        merged_delta_interval=merged_interval,
         retention=RetentionMetrics.model_validate(retention) if retention else None,
         queries=len(eval_set.queries),
         corpus=len(eval_set.corpus),
+        bootstrap_resamples=resamples if baseline else None,
     )
 
 
 COLUMNS = ("baseline", "finetuned", "merged")
+
+
+def _label(name: str) -> str:
+    return "mergedDelta" if name == "merged_delta" else name
 
 
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
@@ -222,13 +266,17 @@ def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
     lines = [f"{report.queries} queries, {report.corpus} passages"]
     for title, scores, names in sections:
         columns = [name for name in names if getattr(scores, name) is not None]
-        header = [name.replace("merged_delta", "mergedDelta") for name in columns]
-        lines.append(f"{title:<14}" + "".join(f"{name:>12}" for name in header))
+        intervals = [name for name in ("delta", "merged_delta") if getattr(scores, f"{name}_interval", None)]
+        header = f"{title:<14}" + "".join(f"{_label(name):>12}" for name in columns)
+        lines.append(header + "".join(f"  {CONFIDENCE:.0%} interval ({_label(name)})" for name in intervals))
         for key in metric_keys(ks):
             cells = "".join(
                 f"{getattr(scores, name)[key]:>+12.4f}" if "delta" in name else f"{getattr(scores, name)[key]:>12.4f}"
                 for name in columns
             )
+            for name in intervals:
+                interval = getattr(scores, f"{name}_interval")[key]
+                cells += f"  [{interval.low:+.4f}, {interval.high:+.4f}]"
             lines.append(f"{key:<14}{cells}")
     return "\n".join(lines)
 
@@ -237,6 +285,13 @@ def write_report(report: MetricsReport, output: str, access: StorageAccess) -> N
     """Write metrics.json to a local path or an s3:// URI."""
     directory, _, name = output.rstrip("/").rpartition("/")
     open_storage(directory or ".", access).write_bytes(name, report.model_dump_json(indent=2, by_alias=True).encode())
+
+
+def add_to_curves(report: MetricsReport, tensorboard: str, access: StorageAccess) -> None:
+    """The metrics of both models as TensorBoard points in the run's curves folder."""
+    with tempfile.TemporaryDirectory(prefix="embedtune-curves-") as folder:
+        if write_evaluation_logs(report, Path(folder)):
+            open_storage(tensorboard, access).upload_dir(Path(folder), EVALUATION_LOGS, desc="upload evaluation curves")
 
 
 def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> MetricsReport:
@@ -259,7 +314,7 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
                     len(loaded.corpus),
                     len(loaded.qrels),
                 )
-        scores: dict[str, dict[str, Metrics]] = {}
+        scores: dict[str, dict[str, PerQuery]] = {}
         retention: dict[str, Metrics] = {}
         for role, uri in (("baseline", config.baseline), ("finetuned", config.model), ("merged", config.merged)):
             if uri is None:
@@ -277,7 +332,7 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
                     uri,
                 )
             logger.info("evaluating %s model %s", role, uri)
-            scores[role] = evaluate_model(
+            scores[role] = score_queries(
                 encoder,
                 eval_set,
                 config.k_values,
@@ -302,15 +357,20 @@ def run_evaluation(config: EvaluationConfig, *, chunk_size: int = 16384) -> Metr
                 )["dense"]
             del encoder, m3
             gc.collect()  # one model in memory at a time
-    return metrics_report(scores, eval_set, retention or None)
+    return metrics_report(scores, eval_set, retention or None, resamples=config.bootstrap_resamples, seed=config.seed)
 
 
 def evaluate(config: EvaluationConfig) -> MetricsReport:
     """The evaluation program: metrics, their table, metrics.json, the resource's status."""
     report = run_evaluation(config)
-    print(format_table(report, config.k_values))
+    if config.print_table:
+        print(format_table(report, config.k_values))
     if config.output:
         write_report(report, config.output, config.storage)
+    if config.tensorboard:
+        add_to_curves(report, config.tensorboard, config.storage)
+    if config.run is not None and update_model_card(config.model, report, config.k_values, config.storage):
+        logger.info("model card updated with the metrics: %s/%s", config.model.rstrip("/"), MODEL_CARD)
     if config.run is not None and config.run.report_status:
         from .status import patch_status_metrics
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import ModelSpec
 from .lora import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
+from .model_card import MODEL_CARD, render_model_card
 from .model_loading import model_type_of, prepare_decoder_tokenizer
 
 # Written next to the sentence-transformers files: how the model was made (its settings, the
@@ -40,8 +41,10 @@ def export_sentence_transformers(
         (out_dir / ADAPTER_DIR).mkdir(exist_ok=True)
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copy2(adapter_dir / name, out_dir / ADAPTER_DIR / name)
-    card = {"model": spec.to_dict()} | (extra or {})
-    (out_dir / TRAINING_RECORD).write_text(json.dumps(card, indent=2))
+    record = {"model": spec.to_dict()} | (extra or {})
+    (out_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
+    # sentence-transformers wrote a generic card: ours says what this model is (not evaluated yet)
+    (out_dir / MODEL_CARD).write_text(render_model_card(record, None))
     return out_dir
 
 

@@ -62,6 +62,10 @@ class RunLayout:
     def teacher_scores_prefix(self, fingerprint: str) -> str:
         return join(self.namespace, self.name, "teacher-scores", fingerprint)
 
+    @property
+    def tensorboard_prefix(self) -> str:
+        return join(self.run_prefix, "tensorboard")
+
 
 def checkpoint_dir_name(step: int) -> str:
     # The same name HF's Trainer gives its checkpoint folders.

@@ -77,3 +77,33 @@ def retrieval_metrics(
         raise ValueError("no judged queries to evaluate")
     _, per_query = per_query_metrics(rankings, qrels, ks)
     return {key: float(values.mean()) for key, values in per_query.items()}
+
+
+def paired_bootstrap_intervals(
+    finetuned: Mapping[str, np.ndarray],
+    baseline: Mapping[str, np.ndarray],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """The `confidence` interval of each metric's mean difference, finetuned - baseline, by a
+    paired bootstrap over the queries (percentile method).
+
+    The arrays hold one value per query, in the same query order for both models. Each resample
+    draws the queries with replacement and keeps a query's two scores together, so what varies
+    is the gain, not how hard the drawn queries are (both models find the same queries hard)."""
+    keys = list(finetuned)
+    differences = np.stack([finetuned[key] - baseline[key] for key in keys], axis=1)  # queries x metrics
+    queries = len(differences)
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, len(keys)))
+    # how often each query is drawn, for a block of resamples at a time (bounded memory)
+    block = max(1, 4_000_000 // queries)
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        counts = rng.multinomial(queries, np.full(queries, 1 / queries), size=size)
+        means[start : start + size] = counts @ differences / queries
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return {key: (float(low[i]), float(high[i])) for i, key in enumerate(keys)}

@@ -44,7 +44,13 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    PaddingStrategy,
+)
 
 from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataloader_workers
 from .checkpoints import CheckpointUploader
@@ -166,6 +172,7 @@ class ProcessedCounter:
         self.device = device
         self._queries = self._padded_tokens = 0
         self._tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self._since = time.monotonic()
 
     def count(self, inputs: dict) -> None:
         for side in ("queries", "passages"):
@@ -182,8 +189,9 @@ class ProcessedCounter:
                 if side == "queries":
                     self._queries += sequences
 
-    def take(self) -> dict[str, int]:
-        """The counts since the last call, over every rank (all ranks must call it together)."""
+    def take(self) -> dict[str, float]:
+        """The counts since the last call, over every rank, and their rates (all ranks must
+        call it together)."""
         counts = torch.tensor([self._queries, 0, self._padded_tokens], device=self.device)
         counts[1] += self._tokens
         if several_processes():
@@ -191,7 +199,12 @@ class ProcessedCounter:
         queries, tokens, padded_tokens = counts.tolist()
         self._queries = self._padded_tokens = 0
         self._tokens.zero_()
-        return {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
+        now, elapsed = time.monotonic(), time.monotonic() - self._since
+        self._since = now
+        taken = {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
+        if elapsed > 0:
+            taken |= {"samples_per_second": queries / elapsed, "tokens_per_second": tokens / elapsed}
+        return taken
 
 
 class EmbedtuneTrainerMixin:
@@ -280,6 +293,13 @@ class EmbedtuneRunnerMixin:
         self.padding_free = padding_free  # where the family supports it (the encoder family)
         self.packing = None  # set when the model runs padding-free
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
+
+    def load_data_collator(self):
+        collator = super().load_data_collator()
+        # FlagEmbedding's `padding=True`, by its name: the tokenizer then does not warn on every
+        # batch that max_length is ignored (the texts are already truncated to it)
+        collator.padding = PaddingStrategy.LONGEST
+        return collator
 
     def load_trainer(self):
         args, records = self.training_args, len(self.train_dataset)
@@ -469,7 +489,7 @@ def build_training_arguments(
         # on CPU, HF only sets up a gloo process group with use_cpu; without it every rank
         # trains alone and the cross-device gather silently sees one rank
         use_cpu=on_cpu,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # the name transformers asks for
         torch_compile=t.compile,
         deepspeed=deepspeed_config(config),
         seed=t.seed,
@@ -480,7 +500,8 @@ def build_training_arguments(
         save_strategy="steps",
         save_steps=config.checkpoint.every_steps,
         save_total_limit=config.checkpoint.keep,
-        report_to="none",
+        # TensorBoard is always written (tracking.tensorboard_callback, into the run's storage)
+        report_to=list(t.trackers) or "none",
         dataloader_num_workers=workers,
         dataloader_prefetch_factor=PREFETCH_BATCHES if workers else None,
         # pinned host memory lets the copy to the GPU run beside the step

@@ -14,6 +14,7 @@ credentials; retrying cannot help), 75 storage stayed unreachable for `storage.r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -170,7 +171,13 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
                 model_path,
                 output_dir / checkpoint_dir_name(final_step),
                 prepared.train_file,
-                {"step": final_step, "finalLoss": final_loss, "trainRecords": prepared.train_records},
+                {
+                    "step": final_step,
+                    "finalLoss": final_loss,
+                    "trainRecords": prepared.train_records,
+                    "data": config.data.to_dict(),
+                    "settings": config.training.to_dict(),
+                },
             )
         except StorageUnavailable as exc:  # the final checkpoint is stored: a new attempt only exports
             raise StorageUnavailable(f"the model was not stored: {exc}; {store.resume_hint(final_step)}") from exc
@@ -249,6 +256,7 @@ def _run_training(
     from .checkpoints import CheckpointUploader
     from .divergence import DivergenceGuard
     from .runner import CheckpointCallback, ProgressCallback, StopOnSignal, padding_free_wanted
+    from .tracking import TRAINING_LOGS, FolderMirror, tensorboard_callback
 
     rank, local_rank, node_rank, num_nodes = _rank()
     work = Path(config.work_dir)
@@ -269,8 +277,15 @@ def _run_training(
     family = _family(config)
     model_args, data_args = family.build_model_and_data_arguments(config, model_path, train_file)
     stop = StopOnSignal()
+    # rank 0 writes the curves; the upload thread stores them as training goes
+    curves = FolderMirror(store.storage, work / "tensorboard", store.layout.tensorboard_prefix)
+    upload_curves = functools.partial(uploader.run_later, curves.sync) if rank == 0 and uploader else None
     # the guard first: a checkpoint it refuses never reaches the uploader
     callbacks = [DivergenceGuard(config.training), CheckpointCallback(uploader), stop]
+    if tensorboard := tensorboard_callback(
+        curves.local_dir / TRAINING_LOGS, upload_curves, config.progress_interval_seconds
+    ):
+        callbacks.append(tensorboard)
     runner = family.runner(
         model_args,
         data_args,
@@ -383,11 +398,24 @@ def _cluster_reporters(config: TrainerConfig) -> list[ProgressReporter]:
     return [KubernetesStatusReporter(config.run)]
 
 
+def _quiet_library_chatter() -> None:
+    """Silence, at their source, library messages nobody can act on. Without a GPU, DeepSpeed
+    is told it runs on the CPU (detecting it, it warns that it may have missed a GPU); the
+    FlagEmbedding runner logs its 150 arguments and the process layout as a warning (the
+    trainer config is the record of the settings, and our log states the process layout)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("FlagEmbedding.abc.finetune.embedder.AbsRunner").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtune.trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_library_chatter()
     try:
         config = load_config(args.config, TrainerConfig)
         result = train(config, reporters=_cluster_reporters(config))

@@ -245,7 +245,7 @@ async def test_the_quality_gate_reads_the_mode_it_names(cluster, operator):
     await cluster.job_succeeded("hybrid-eval-1-1")
     status = await cluster.phase_becomes("hybrid", "Succeeded")  # dense improved by only 0.11
     gate = next(c for c in status["conditions"] if c["type"] == "QualityGate")
-    assert gate["status"] == "True" and "hybrid ndcg@10 improved by +0.2500" in gate["message"]
+    assert gate["status"] == "True" and "hybrid ndcg@10 changed by +0.2500; at least 0.2 required" in gate["message"]
 
 
 async def test_evaluation_input_error_fails_the_run(cluster, operator):
@@ -305,3 +305,46 @@ async def test_an_object_with_a_childs_name_that_is_not_ours_is_a_conflict_never
     assert job["metadata"]["ownerReferences"][0]["uid"] == cluster.get(FINETUNES, "clash")["metadata"]["uid"]
     status = await cluster.phase_becomes("clash", "Pending")
     assert status["reason"] == "JobCreated"
+
+
+async def test_kueue_admits_the_jobs_and_a_preempted_run_waits_then_resumes_from_its_checkpoint(cluster, operator):
+    await cluster.apply(minimal_manifest("queued", resources={"nodes": 2, "gpusPerNode": 4, "queueName": "gpus"}))
+    job = await cluster.eventually(lambda: cluster.get(JOBS, "queued-train-1-1"), what="training job")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    status = await cluster.eventually(lambda: waiting_for_admission(cluster.status("queued")), what="waiting")
+    assert status["phase"] == "Pending" and "LocalQueue gpus" in status["message"]
+    reconciling = next(c for c in status["conditions"] if c["type"] == "Reconciling")
+    assert (reconciling["status"], reconciling["reason"]) == ("True", "WaitingForAdmission")
+
+    await cluster.job_suspended("queued-train-1-1", False)  # admitted
+    await cluster.job_running("queued-train-1-1")
+    status = await cluster.phase_becomes("queued", "Training")
+    checkpoint = {"step": 50, "uri": "s3://models/checkpoint-50", "runId": status["runId"]}
+    await cluster.patch_status(FINETUNES, "queued", {"checkpoint": checkpoint})
+
+    await cluster.job_suspended("queued-train-1-1", True)  # preempted: its pods are gone
+    status = await cluster.eventually(lambda: waiting_for_admission(cluster.status("queued")), what="preempted")
+    assert status["phase"] == "Pending" and "resumes from checkpoint 50" in status["message"]
+    # the same Job waits (no restart counted, nothing deleted); admitted again, its new pods
+    # resume from the stored checkpoint as a restarted trainer does
+    assert (status["training"]["attempt"], status["training"]["restarts"]) == (1, 0)
+    assert cluster.get(JOBS, "queued-train-1-1") is not None
+    await cluster.job_suspended("queued-train-1-1", False)
+    await cluster.job_running("queued-train-1-1")
+    status = await cluster.phase_becomes("queued", "Training")
+    assert status["checkpoint"]["step"] == 50
+
+    await cluster.job_succeeded("queued-train-1-1")
+    job = await cluster.eventually(lambda: cluster.get(JOBS, "queued-eval-1-1"), what="evaluation job")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    status = await cluster.eventually(lambda: waiting_for_admission(cluster.status("queued")), what="eval waiting")
+    assert status["phase"] == "Evaluating"
+    await cluster.job_suspended("queued-eval-1-1", False)
+    await cluster.job_running("queued-eval-1-1")
+    await cluster.patch_status(FINETUNES, "queued", {"metrics": METRICS})
+    await cluster.job_succeeded("queued-eval-1-1")
+    await cluster.phase_becomes("queued", "Succeeded")
+
+
+def waiting_for_admission(status: dict) -> dict | None:
+    return status if status.get("reason") == "WaitingForAdmission" else None

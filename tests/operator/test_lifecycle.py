@@ -2,9 +2,12 @@
 
 import datetime
 
+import pytest
+
+from embedtune.operator.constants import Reason
 from embedtune.operator.defaults import ClusterDefaults
-from embedtune.operator.lifecycle import plan_reconcile, timestamp
-from embedtune.operator.spec import parse_finetune
+from embedtune.operator.lifecycle import gate_verdict, plan_reconcile, timestamp
+from embedtune.operator.spec import QualityGate, parse_finetune
 from support.finetunes import minimal_manifest
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
@@ -203,3 +206,21 @@ def test_a_spec_that_cannot_fit_its_gpus_fails_before_a_job_takes_them():
     assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "InsufficientGPUMemory")
     assert "GiB per GPU but spec.resources.nodeSelector[nvidia.com/gpu.product] is 22.4 GiB" in plan.status["message"]
     assert "it would fit with" in plan.status["message"]
+
+
+@pytest.mark.parametrize(
+    ("compare", "interval", "passed", "reason"),
+    [
+        ("delta", {"low": -0.01, "high": 0.07}, True, Reason.GATE_PASSED),
+        ("lowerBound", {"low": -0.01, "high": 0.07}, False, Reason.GATE_NOT_MET),
+        ("lowerBound", {"low": 0.025, "high": 0.07}, True, Reason.GATE_PASSED),
+        ("lowerBound", None, None, Reason.METRICS_MISSING),
+    ],
+)
+def test_the_gate_compares_the_delta_or_the_lower_bound_of_its_interval(compare, interval, passed, reason):
+    gate = QualityGate(metric="ndcg@10", minImprovement=0.02, compare=compare)
+    metrics = {"delta": {"ndcg@10": 0.03}, "deltaInterval": {"ndcg@10": interval} if interval else None}
+    verdict, why, message = gate_verdict(gate, metrics)
+    assert (verdict, why) == (passed, reason)
+    if interval is not None:
+        assert f"ndcg@10 changed by +0.0300 (95% interval {interval['low']:+.4f} to +0.0700)" in message

@@ -76,6 +76,14 @@ def embedtune_run(manifest: Path, cwd: Path, *extra: str) -> subprocess.Complete
     )
 
 
+def training_curve_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
 def final_status(result: subprocess.CompletedProcess) -> dict:
     return yaml.safe_load(result.stdout[result.stdout.index("status:") :])["status"]
 
@@ -100,13 +108,14 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
     storage = open_storage(f"{s3_bucket}/runs", StorageAccess(endpoint=s3_endpoint))
     assert storage.exists(f"{run.model_prefix}/{COMPLETE_MARKER}")
     stored_metrics = json.loads(storage.read_bytes(f"{run.run_prefix}/metrics.json"))
-    assert status["metrics"]["finetuned"] == stored_metrics["finetuned"]
-    assert status["metrics"]["delta"]["ndcg@10"] == pytest.approx(
+    # exact in metrics.json, to 4 significant digits in the status
+    assert status["metrics"]["finetuned"] == {key: float(f"{v:.4g}") for key, v in stored_metrics["finetuned"].items()}
+    assert stored_metrics["delta"]["ndcg@10"] == pytest.approx(
         stored_metrics["finetuned"]["ndcg@10"] - stored_metrics["baseline"]["ndcg@10"]
     )
     # the table: one row per metric, baseline / fine-tuned / delta
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith("ndcg@10 "))
-    assert [float(cell) for cell in row[1:]] == pytest.approx(
+    assert [float(cell) for cell in row[1:4]] == pytest.approx(
         [
             stored_metrics["baseline"]["ndcg@10"],
             stored_metrics["finetuned"]["ndcg@10"],
@@ -114,8 +123,40 @@ def test_a_manifest_trains_evaluates_and_reports_its_status_with_s3_storage(
         ],
         abs=1e-4,
     )
-    # what the jobs print goes to stderr: stdout is exactly the result
+    # each delta with its 95% interval: in metrics.json, the status and the table
+    for key, delta in stored_metrics["delta"].items():
+        interval = stored_metrics["deltaInterval"][key]
+        assert interval["low"] <= delta <= interval["high"]
+        assert status["metrics"]["deltaInterval"][key] == {name: float(f"{v:.4g}") for name, v in interval.items()}
+    interval = stored_metrics["deltaInterval"]["ndcg@10"]
+    assert row[4:] == [f"[{interval['low']:+.4f},", f"{interval['high']:+.4f}]"]
+    # the picture of the run, next to it
+    assert f"picture: {storage.uri_for(run.run_prefix)}/run.png" in result.stdout
+    assert storage.read_bytes(f"{run.run_prefix}/run.png").startswith(b"\x89PNG")
+    # the model's card, rewritten with the evaluation's metrics
+    card = storage.read_bytes(f"{run.model_prefix}/README.md").decode()
+    assert f"| ndcg@10 | {stored_metrics['baseline']['ndcg@10']:.4f} |" in card and "Not evaluated yet" not in card
+    # the curves in the run's storage: the training's, and the evaluation's metrics of both models
+    curves = tmp_path / "curves"
+    storage.download_dir(run.tensorboard_prefix, curves)
+    assert training_curve_tags(curves / "training") >= {
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_second",
+        "train/tokens_per_second",
+    }
+    for role in ("baseline", "finetuned"):
+        assert "evaluation/ndcg@10" in training_curve_tags(curves / "evaluation" / role)
+    assert f"curves: tensorboard --logdir {storage.uri_for(run.tensorboard_prefix)}" not in result.stdout  # s3
+    assert f"aws s3 sync {storage.uri_for(run.tensorboard_prefix)} " in result.stdout
+    # what the jobs print goes to stderr: stdout is exactly the result, its table printed once
     assert '"model":' not in result.stdout
+    assert (result.stdout + result.stderr).count("ndcg@10 ") == 1
+    # the known library warnings are silenced at their source (progress bars stay)
+    for chatter in ("Setting accelerator to CPU", "is ignored when `padding`", "is deprecated", "faiss.loader"):
+        assert chatter not in result.stderr
+    assert "upload checkpoint-10" in result.stderr
     stored = yaml.safe_load(storage.read_bytes("default/tiny/resource.yaml"))
     assert stored["status"] == status
 

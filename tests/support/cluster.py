@@ -120,6 +120,15 @@ class Cluster:
 
     # -- playing the Job controller and the pods ------------------------------------------
 
+    async def job_suspended(self, name: str, suspend: bool) -> None:
+        """Kueue's part: admit a suspended Job (False), or preempt a running one (True: the Job
+        controller then removes its pods)."""
+        await self.request(
+            "PATCH", self._path(JOBS, name), {"spec": {"suspend": suspend}}, "application/merge-patch+json"
+        )
+        if suspend:
+            await self.patch_status(JOBS, name, {"active": 0, "ready": 0})
+
     async def job_running(self, name: str) -> None:
         await self.patch_status(JOBS, name, {"active": 1, "ready": 1})
 

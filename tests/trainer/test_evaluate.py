@@ -145,8 +145,13 @@ def test_cli_reads_and_writes_storage_and_patches_status(exported, eval_dir, s3_
         "embeddingfinetunes",
         "finance",
     )
-    unset = dict.fromkeys(["baseline", "delta", "modes", "merged", "mergedDelta", "retention"])
-    assert body == {"status": {"metrics": unset | {"finetuned": report["finetuned"]}}}
+    # the status shows 4 significant digits; metrics.json keeps the exact values
+    finetuned = {key: float(f"{value:.4g}") for key, value in report["finetuned"].items()}
+    unset = dict.fromkeys(
+        ["baseline", "delta", "deltaInterval", "modes", "merged", "mergedDelta", "mergedDeltaInterval", "retention"]
+    )
+    assert body == {"status": {"metrics": unset | {"finetuned": finetuned}}}
+    assert finetuned != report["finetuned"]
 
 
 def test_cli_input_errors_exit_2(exported, eval_dir, tmp_path, capsys):
@@ -191,7 +196,7 @@ def test_approximate_index_on_a_small_corpus_matches_exact(exported, eval_dir, t
 
 
 def test_matryoshka_dimensions_are_each_a_column_set(exported, eval_dir, tmp_path):
-    from embedtune.trainer.evaluate import format_table, metrics_report
+    from embedtune.trainer.evaluate import format_table, metrics_report, score_queries
 
     eval_set = load_eval_set(str(eval_dir), tmp_path)
     model = load_encoder(exported)
@@ -207,7 +212,8 @@ def test_matryoshka_dimensions_are_each_a_column_set(exported, eval_dir, tmp_pat
     passages /= np.linalg.norm(passages, axis=1, keepdims=True)
     assert scores["dense-4"] == pytest.approx(reference_metrics(queries, passages, eval_set, ks), abs=1e-6)
 
-    report = metrics_report({"baseline": scores, "finetuned": scores}, eval_set)
+    per_query = score_queries(model, eval_set, ks, dimensions=[32, 4])
+    report = metrics_report({"baseline": per_query, "finetuned": per_query}, eval_set)
     assert report.finetuned == scores["dense"] and set(report.modes) == {"dense-32", "dense-4"}
     assert report.modes["dense-4"].delta["ndcg@10"] == 0.0
     assert "dense-4" in format_table(report, ks)

@@ -1,9 +1,10 @@
 import math
 import random
 
+import numpy as np
 import pytest
 
-from embedtune.trainer.metrics import metric_keys, per_query_metrics, retrieval_metrics
+from embedtune.trainer.metrics import metric_keys, paired_bootstrap_intervals, per_query_metrics, retrieval_metrics
 
 
 def _dcg(*gains):
@@ -110,3 +111,34 @@ def test_randomized_cross_check_against_pytrec_eval():
                 assert ours[key][row] == pytest.approx(value, abs=1e-6), (qid, key)
                 compared += 1
     assert compared == len(queries) * len(ks) * 5
+
+
+def test_a_constant_gain_has_an_interval_of_exactly_that_gain_however_hard_the_queries():
+    # the queries differ wildly in difficulty, but the fine-tuned model gains 0.1 on each: a
+    # paired bootstrap is sure of the gain (an unpaired one would see the difficulty's spread)
+    rng = np.random.default_rng(1)
+    baseline = {"ndcg@10": rng.uniform(0, 0.9, size=200)}
+    finetuned = {"ndcg@10": baseline["ndcg@10"] + 0.1}
+    (low, high) = paired_bootstrap_intervals(finetuned, baseline)["ndcg@10"]
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+
+
+def test_the_interval_of_a_coin_flip_gain_matches_the_normal_approximation():
+    # 400 queries, the fine-tuned model wins 1 on half of them and nothing on the rest: the mean
+    # gain is 0.5 with a standard error of sqrt(0.25 / 400) = 0.025, so the 95% interval is
+    # 0.5 -+ 1.96 * 0.025 = [0.451, 0.549]
+    gains = np.array([1.0, 0.0] * 200)
+    intervals = paired_bootstrap_intervals({"mrr@10": gains}, {"mrr@10": np.zeros(400)}, resamples=4000, seed=7)
+    low, high = intervals["mrr@10"]
+    assert low == pytest.approx(0.451, abs=0.01) and high == pytest.approx(0.549, abs=0.01)
+
+
+def test_the_bootstrap_is_seeded_and_covers_every_metric():
+    rng = np.random.default_rng(3)
+    baseline = {key: rng.uniform(size=50) for key in ("ndcg@1", "recall@1")}
+    finetuned = {key: values + rng.normal(0.05, 0.1, size=50) for key, values in baseline.items()}
+    first = paired_bootstrap_intervals(finetuned, baseline, seed=5)
+    assert first == paired_bootstrap_intervals(finetuned, baseline, seed=5)
+    assert first != paired_bootstrap_intervals(finetuned, baseline, seed=6)
+    for key, (low, high) in first.items():
+        assert low < (finetuned[key] - baseline[key]).mean() < high
