@@ -350,7 +350,6 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
     assert done.returncode == 0 and "is already complete" in done.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("deepspeed", [None, {"zeroStage": 1}, {"zeroStage": 2}], ids=["ddp", "zero1", "zero2"])
 def test_grad_cache_trains_the_loss_curve_of_the_plain_step(tmp_path, deepspeed):
     """Two ranks with cross-device negatives, under DDP or DeepSpeed: the same losses step by step
