@@ -64,3 +64,19 @@ def test_with_cross_device_negatives_on_two_ranks(tiny_model, train_file):
         2, grad_cache_differences_on_rank, tiny_model, train_file, 4, 3
     ):
         assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
+
+
+def test_the_backward_encodes_one_mini_batch_at_a_time(tiny_model, train_file):
+    """What bounds the memory: each mini-batch's activations live from its recomputation to the
+    end of its backward, before the next mini-batch is recomputed."""
+    model = load_embedder(tiny_model)
+    batch = hashed_batch(model, train_file, list(range(8)), group_size=4)
+    model.grad_cache_queries = 2
+    events = []
+    model.model.register_forward_hook(lambda *_: events.append("encode"))
+    model.model.encoder.layer[0].register_full_backward_hook(lambda *_: events.append("backward"))
+    loss = model(**batch).loss
+    assert events == ["encode"] * 8  # 4 mini-batches of queries, 4 of passages
+    events.clear()
+    loss.backward()
+    assert events == ["encode", "backward"] * 8

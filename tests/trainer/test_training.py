@@ -433,7 +433,6 @@ def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its
         assert actual[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("deepspeed", [None, {"zeroStage": 1}, {"zeroStage": 2}], ids=["ddp", "zero1", "zero2"])
 def test_grad_cache_trains_the_loss_curve_of_the_plain_step(tmp_path, deepspeed):
     """Two ranks with cross-device negatives, under DDP or DeepSpeed: the same losses step by step
