@@ -110,6 +110,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         )
         # decoder or encoder, and the pooling that follows, from the model's own config.json
         config = config.model_copy(update={"model": config.model.resolved(model_type_of(model_path))})
+        training_args.sentence_pooling_method = config.model.flagembedding_pooling
         prepared = prepare_training_data(
             config.data,
             config.training.group_size,

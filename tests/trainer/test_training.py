@@ -350,8 +350,8 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
     assert done.returncode == 0 and "is already complete" in done.stderr
 
 
-# the family (decoder) comes from the model's config.json; write_config sets a pooling, so set it back
-LORA = {"pooling": "lastToken", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "queryInstruction": "Query: "}
+# no pooling: the family (decoder) and its pooling (last token) come from the model's config.json
+LORA = {"pooling": None, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "queryInstruction": "Query: "}
 
 
 def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its_loss_curve(
@@ -366,6 +366,7 @@ def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its
     assert "negatives: world size 2, each of 8 queries scored against 32 passages (cross-device on)" in finished.stderr
     ref_storage = open_storage(str(tmp_path / "ref-store"))
     expected = losses(ref_storage, 30)
+    assert expected[30] < expected[1] - 0.5  # it learns (a model pooling the shared query prefix would not)
     # checkpoints hold the adapters and their optimizer state, not the base weights
     stored = {Path(item.key).name for item in ref_storage.list(RUN.checkpoint_prefix(10))}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= stored
