@@ -145,6 +145,11 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
 
     model_uri = None
     if rank == 0:
+        # the export loads the final checkpoint on this process alone: not partitioned over the
+        # ranks by ZeRO-3's zero.Init, which would wait for the others forever (they are done)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         try:
             model_uri = _publish_model(
                 config,

@@ -299,7 +299,7 @@ def test_a_batch_larger_than_the_data_is_warned_about_and_progress_counts_what_w
     assert all(entry["padded_tokens"] > entry["tokens"] for entry in logs)
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_path, zero_stage):
     store_uri = str(tmp_path / "store")
     config = write_config(
@@ -310,6 +310,8 @@ def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_pa
     storage = open_storage(store_uri)
     shards = [o.key.rsplit("/", 1)[1] for o in storage.list(f"{RUN.checkpoint_prefix(6)}/global_step6")]
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
+    if zero_stage == 3:  # the parameters too are sharded, one part per rank; the export gathers them whole
+        assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(shards)
     expected = losses(storage, 6)
 
     # as if the pod had died after checkpoint 4: checkpoint 6 and the model were never stored
