@@ -117,6 +117,15 @@ def localize(manifest: dict[str, Any], manifest_dir: Path, default_storage: str)
         mining = data.get("hardNegatives")
         if isinstance(mining, dict) and isinstance(mining.get("candidates"), str):
             mining["candidates"] = _resolve(mining["candidates"], manifest_dir)
+    evaluation = spec.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("retention"), str):
+        evaluation["retention"] = _resolve(evaluation["retention"], manifest_dir)
+    merge = spec.get("merge")
+    if isinstance(merge, dict) and isinstance(merge.get("models"), list):
+        merge["models"] = [
+            _resolve(item, manifest_dir) if isinstance(item, str) and (manifest_dir / item).exists() else item
+            for item in merge["models"]
+        ]
     return manifest
 
 

@@ -43,6 +43,7 @@ from FlagEmbedding.finetune.embedder.encoder_only.base import (
 )
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -365,6 +366,8 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
 def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: bool):
     """The tokenizer and FlagEmbedding's bi-encoder of `model_class` over the runner's base
     model (an input error if it cannot be loaded), with LoRA adapters where configured."""
+    if is_deepspeed_zero3_enabled():
+        join_deepspeed_comm()
     tokenizer, encoder = load_tokenizer_and_encoder(
         runner.model_args.model_name_or_path, trust_remote_code=runner.model_args.trust_remote_code, decoder=decoder
     )
@@ -386,6 +389,17 @@ def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: b
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     return tokenizer, model
+
+
+def join_deepspeed_comm() -> None:
+    """ZeRO-3 partitions the weights while they load (deepspeed.zero.Init), over DeepSpeed's own
+    comm layer. On CPU nothing has initialized it yet (accelerate joins gloo through torch only),
+    and zero.Init then sees a world of 1 process and refuses the batch size: join it to the
+    process group torch already has."""
+    import deepspeed.comm
+
+    if dist.is_available() and dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
 def runner_family(config: TrainerConfig) -> str:

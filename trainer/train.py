@@ -113,6 +113,7 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
         )
         # decoder or encoder, and the pooling that follows, from the model's own config.json
         config = config.model_copy(update={"model": config.model.resolved(model_type_of(model_path))})
+        training_args.sentence_pooling_method = config.model.flagembedding_pooling
         prepared = prepare_training_data(
             config.data,
             config.training.group_size,
@@ -163,6 +164,11 @@ def train(config: TrainerConfig, reporters: list[ProgressReporter] | None = None
 
     model_uri = None
     if rank == 0:
+        # the export loads the final checkpoint on this process alone: not partitioned over the
+        # ranks by ZeRO-3's zero.Init, which would wait for the others forever (they are done)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         try:
             model_uri = _publish_model(
                 config,

@@ -217,3 +217,39 @@ def test_matryoshka_dimensions_are_each_a_column_set(exported, eval_dir, tmp_pat
     assert report.finetuned == scores["dense"] and set(report.modes) == {"dense-32", "dense-4"}
     assert report.modes["dense-4"].delta["ndcg@10"] == 0.0
     assert "dense-4" in format_table(report, ks)
+
+
+def test_base_finetuned_and_merged_are_scored_on_the_evaluation_and_retention_sets(
+    exported, tiny_model, eval_dir, tmp_path
+):
+    from embedtune.trainer.contract import EvaluationConfig
+    from embedtune.trainer.evaluate import format_table, run_evaluation
+    from embedtune.trainer.merge import merge_models
+    from support.tiny import build_tiny_bert
+
+    other = build_tiny_bert(tmp_path / "other", seed=5)
+    merged_hf = merge_models([tiny_model, other], [0.5, 0.5], tmp_path / "merged-hf", trust_remote_code=False)
+    merged = export_sentence_transformers(merged_hf, tmp_path / "merged", SPEC)
+    retention = tmp_path / "retention"
+    records = [Record(query=r["query"], pos=r["pos"], neg=r["neg"]) for r in synthetic_records(20, seed=9)]
+    split_held_out(records, 0.5, seed=2)[1].write(retention)
+    config = EvaluationConfig(
+        model=str(exported),
+        baseline=str(tiny_model),
+        merged=str(merged),
+        eval_set=str(eval_dir),
+        retention_set=str(retention),
+        k_values=[1, 10],
+        encoding={"pooling": SPEC.pooling},
+    )
+    report = run_evaluation(config)
+    assert report.merged is not None and report.retention is not None
+    assert report.retention.merged is not None and report.retention.baseline is not None
+    for key in report.finetuned:
+        assert report.merged_delta[key] == pytest.approx(report.merged[key] - report.baseline[key])
+    # the merged model is another model: its scores are its own, not a copy of either column
+    assert report.merged != report.finetuned or report.retention.merged != report.retention.finetuned
+    table = format_table(report, [1, 10])
+    assert "baseline   finetuned      merged       delta mergedDelta" in table
+    assert "\nretention " in table
+    assert report.merged_delta_interval is not None  # every delta comes with its interval

@@ -336,7 +336,7 @@ def test_a_batch_larger_than_the_data_is_warned_about_and_progress_counts_what_w
     assert all(entry["padded_tokens"] > entry["tokens"] for entry in logs)
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_path, zero_stage):
     store_uri = str(tmp_path / "store")
     config = write_config(
@@ -347,6 +347,8 @@ def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_pa
     storage = open_storage(store_uri)
     shards = [o.key.rsplit("/", 1)[1] for o in storage.list(f"{RUN.checkpoint_prefix(6)}/global_step6")]
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
+    if zero_stage == 3:  # the parameters too are sharded, one part per rank; the export gathers them whole
+        assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(shards)
     expected = losses(storage, 6)
 
     # as if the pod had died after checkpoint 4: checkpoint 6 and the model were never stored
@@ -387,8 +389,8 @@ def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(ti
     assert done.returncode == 0 and "is already complete" in done.stderr
 
 
-# the family (decoder) comes from the model's config.json; write_config sets a pooling, so set it back
-LORA = {"pooling": "lastToken", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "queryInstruction": "Query: "}
+# no pooling: the family (decoder) and its pooling (last token) come from the model's config.json
+LORA = {"pooling": None, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "queryInstruction": "Query: "}
 
 
 def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its_loss_curve(
@@ -403,6 +405,7 @@ def test_a_decoder_with_lora_trains_on_two_ranks_stores_adapters_and_resumes_its
     assert "negatives: world size 2, each of 8 queries scored against 32 passages (cross-device on)" in finished.stderr
     ref_storage = open_storage(str(tmp_path / "ref-store"))
     expected = losses(ref_storage, 30)
+    assert expected[30] < expected[1] - 0.5  # it learns (a model pooling the shared query prefix would not)
     # checkpoints hold the adapters and their optimizer state, not the base weights
     stored = {Path(item.key).name for item in ref_storage.list(RUN.checkpoint_prefix(10))}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= stored
