@@ -146,6 +146,11 @@ class DataSpec(CamelModel):
         None, gt=0, lt=1, description="Fraction of queries held out (seeded) as the evaluation set."
     )
     hard_negatives: HardNegativesSpec | None = Field(None, description="Mine hard negatives with the base model.")
+    same_dataset_within_batch: bool = Field(
+        False,
+        description="Take every batch's queries from one training file (each file of `train`, also inside a "
+        "directory), so in-batch negatives come from the same source; a file's last partial batch is dropped.",
+    )
 
     @field_validator("train", mode="before")
     @classmethod

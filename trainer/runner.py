@@ -16,6 +16,7 @@ What the subclasses change, and why:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from FlagEmbedding.abc.finetune.embedder import (
+    AbsEmbedderSameDatasetTrainDataset,
+    EmbedderTrainerCallbackForDataRefresh,
+)
 from FlagEmbedding.finetune.embedder.encoder_only.base import (
     BiEncoderOnlyEmbedderModel,
     EncoderOnlyEmbedderDataArguments,
@@ -134,10 +139,24 @@ class EmbedtuneTrainerMixin:
         encoder = self.accelerator.unwrap_model(model if model is not None else self.model).model
         load_encoder_weights(encoder, Path(resume_from_checkpoint))
         logger.info("resumed encoder weights from %s", resume_from_checkpoint)
+        if isinstance(self.train_dataset, AbsEmbedderSameDatasetTrainDataset):
+            resume_batches(self.train_dataset, Path(resume_from_checkpoint), self.args)
 
 
 class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):
     """FlagEmbedding's encoder-only trainer with embedtune's saving, resuming and counting."""
+
+
+def resume_batches(dataset: AbsEmbedderSameDatasetTrainDataset, checkpoint: Path, args) -> None:
+    """FlagEmbedding's same-dataset batches are drawn per epoch and served by a counter that
+    HF's resume does not advance (it skips batches without fetching them): draw the epochs
+    already trained and move the counter to the checkpoint's batch, as HF counts them."""
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    batches = len(dataset.batch_datas)  # per rank and epoch
+    updates_per_epoch = max(-(-batches // args.gradient_accumulation_steps), 1)  # the last may be short
+    for _ in range(step // updates_per_epoch):
+        dataset.refresh_epoch()
+    dataset.step = (step % updates_per_epoch) * args.gradient_accumulation_steps
 
 
 def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
@@ -184,7 +203,7 @@ class EmbedtuneRunnerMixin:
                 args.gradient_accumulation_steps,
                 records,
             )
-        return self.trainer_class(
+        trainer = self.trainer_class(
             model=self.model,
             args=self.training_args,
             train_dataset=self.train_dataset,
@@ -192,6 +211,9 @@ class EmbedtuneRunnerMixin:
             processing_class=self.tokenizer,
             callbacks=self.callbacks,
         )
+        if self.data_args.same_dataset_within_batch:  # each epoch draws new batches
+            trainer.add_callback(EmbedderTrainerCallbackForDataRefresh(self.train_dataset))
+        return trainer
 
 
 class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
@@ -264,13 +286,16 @@ def build_model_and_data_arguments(
     model_args = arguments_class(
         model_name_or_path=model_path, trust_remote_code=m.trust_remote_code, **family_arguments
     )
+    same_dataset = config.data.same_dataset_within_batch
     data_args = EncoderOnlyEmbedderDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
         query_max_len=m.query_max_length,
         passage_max_len=m.passage_max_length,
-        query_instruction_for_retrieval=m.query_instruction,
+        # FlagEmbedding's same-dataset batches prefix queries with the instruction unchecked: "None" for none
+        query_instruction_for_retrieval=(m.query_instruction or "") if same_dataset else m.query_instruction,
         passage_instruction_for_retrieval=m.passage_instruction,
+        same_dataset_within_batch=same_dataset,
     )
     return model_args, data_args
 

@@ -9,7 +9,9 @@ from pathlib import Path
 WORDS = [f"w{i}" for i in range(300)]
 
 
-def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
+def build_tiny_bert(
+    path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2, dropout: float = 0.1
+) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -25,6 +27,8 @@ def build_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 32, layers: int 
         num_attention_heads=heads,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(path)
     return path
