@@ -379,7 +379,7 @@ class _Planner:
             return
         scores = metrics if gate.mode == "dense" else ((metrics or {}).get("modes") or {}).get(gate.mode)
         delta = ((scores or {}).get("delta") or {}).get(gate.metric)
-        name = gate.metric if gate.mode == "dense" else f"{gate.mode} {gate.metric}"
+        gated = gate.metric if gate.mode == "dense" else f"{gate.mode} {gate.metric}"
         if delta is None:
             where = "status.metrics.delta" if gate.mode == "dense" else f"status.metrics.modes.{gate.mode}.delta"
             passed, reason, message = None, Reason.METRICS_MISSING, f"{where} has no {gate.metric}"
@@ -387,13 +387,13 @@ class _Planner:
             passed, reason, message = (
                 True,
                 Reason.GATE_PASSED,
-                (f"{name} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
+                (f"{gated} improved by {delta:+.4f} (at least {gate.min_improvement} required)"),
             )
         else:
             passed, reason, message = (
                 False,
                 Reason.GATE_NOT_MET,
-                (f"{name} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
+                (f"{gated} changed by {delta:+.4f}; at least {gate.min_improvement} required"),
             )
         self.gate_condition = self.condition({}, Condition.QUALITY_GATE, bool(passed), reason.value, message)
         if passed:
