@@ -57,6 +57,18 @@ _CEL_RULES: list[tuple[tuple[str, ...], str, str]] = [
         "int(self.gate.metric.split('@')[1]) in (has(self.kValues) ? self.kValues : [1, 10, 100])",
         "gate.metric: k must be one of kValues",
     ),
+    (
+        (),
+        "!has(self.training) || !has(self.training.matryoshkaDims) || size(self.training.matryoshkaDims) == 0 "
+        "|| !has(self.model.outputs) || !('colbert' in self.model.outputs)",
+        "training.matryoshkaDims: FlagEmbedding's bge-m3 runner does not train Matryoshka dimensions",
+    ),
+    (
+        (),
+        "!has(self.training) || !has(self.training.unified) "
+        "|| (has(self.model.outputs) && 'colbert' in self.model.outputs)",
+        "training.unified: needs model.outputs [dense, sparse, colbert]",
+    ),
 ]
 
 _PRINTER_COLUMNS = [

@@ -232,6 +232,17 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="faiss search: exact (default) or approximate for large corpora",
     )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="bge-m3 scoring modes besides dense, comma-separated: sparse,colbert,hybrid "
+        "(a model without the sparse and ColBERT heads is scored dense only)",
+    )
+    parser.add_argument(
+        "--dimensions",
+        default=None,
+        help="also score the dense vector cut to these leading dimensions (Matryoshka), comma-separated",
+    )
     _add_encoding_arguments(parser)
     _add_storage_arguments(parser)
 
@@ -244,6 +255,8 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
         "baseline": args.baseline,
         "eval_set": args.eval_set,
         "k_values": _cutoffs(args.k) if args.k is not None else None,
+        "modes": args.modes.split(",") if args.modes else None,
+        "dimensions": _cutoffs(args.dimensions, "--dimensions", "256,64") if args.dimensions else None,
         "encoding": encoding if encoding.model_dump(exclude_none=True) else None,
         "index": args.index,
         "batch_size": args.batch_size,
@@ -286,13 +299,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return run_command(_evaluate, parser.parse_args(argv))
 
 
-def _cutoffs(text: str) -> list[int]:
+def _cutoffs(text: str, flag: str = "--k", example: str = "1,10,100") -> list[int]:
     try:
         ks = sorted({int(part) for part in text.split(",")})
     except ValueError:
         ks = []
     if not ks or ks[0] < 1:
-        raise InputError(f"--k {text}: expected positive integers separated by commas, e.g. 1,10,100")
+        raise InputError(f"{flag} {text}: expected positive integers separated by commas, e.g. {example}")
     return ks
 
 

@@ -207,6 +207,11 @@ class DataSpec(CamelModel):
     teacher: TeacherSpec | None = Field(
         None, description="Score every record's passages with a teacher model, for training.distillation."
     )
+    same_dataset_within_batch: bool = Field(
+        False,
+        description="Take every batch's queries from one training file (each file of `train`, also inside a "
+        "directory), so in-batch negatives come from the same source; a file's last partial batch is dropped.",
+    )
 
     @field_validator("train", mode="before")
     @classmethod
@@ -266,15 +271,17 @@ class DistillationSpec(CamelModel):
     """Knowledge distillation from teacher scores (`pos_scores`/`neg_scores` of every record)."""
 
     enabled: bool = Field(True, description="Train towards the teacher's scores; every record must carry them.")
-    loss_type: DistillationLoss = Field(
-        "klDiv",
+    loss_type: DistillationLoss | None = Field(
+        None,
         description="klDiv: KL divergence to the teacher's distribution over the query's own group, plus the "
-        "contrastive loss; m3KdLoss: bge-m3's teacher-weighted contrastive loss over the whole batch.",
+        "contrastive loss; m3KdLoss: bge-m3's teacher-weighted contrastive loss over the whole batch. Unset: "
+        "m3KdLoss for model.outputs [dense, sparse, colbert] (BGE's recipe), klDiv otherwise.",
     )
 
     @property
-    def flagembedding_loss(self) -> str:
-        return "kl_div" if self.loss_type == "klDiv" else "m3_kd_loss"
+    def flagembedding_loss(self) -> str | None:
+        """FlagEmbedding's kd_loss_type; None leaves the runner family's default."""
+        return {"klDiv": "kl_div", "m3KdLoss": "m3_kd_loss", None: None}[self.loss_type]
 
 
 class GradCacheSpec(CamelModel):

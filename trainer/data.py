@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class Record:
 
     def drop_scores(self) -> None:
         self.pos_scores = self.neg_scores = None
+
+    source: str = field(default="", compare=False)  # the file it was read from
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"query": self.query, "pos": self.pos, "neg": self.neg}
@@ -152,6 +155,7 @@ def _add_record(result: LoadResult, obj: dict[str, Any], where: str) -> None:
             prompt=obj.get("prompt"),
             pos_scores=_floats(obj.get("pos_scores")),
             neg_scores=_floats(obj.get("neg_scores")),
+            source=where.rpartition(":")[0],
         )
     )
     result.locations.append(where)
@@ -438,9 +442,24 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def write_training_data(records: list[Record], out_dir: Path, *, by_source: bool) -> Path:
+    """train.jsonl, or `by_source` a folder train/ with one file per source file, in the order
+    the sources were given (FlagEmbedding batches each file of a folder on its own)."""
+    if not by_source:
+        write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
+        return out_dir / "train.jsonl"
+    folder = out_dir / "train"
+    if folder.exists():
+        shutil.rmtree(folder)
+    sources = list(dict.fromkeys(r.source for r in records))
+    for index, source in enumerate(sources):
+        write_jsonl(folder / f"{index:05d}.jsonl", (r.to_json() for r in records if r.source == source))
+    return folder
+
+
 @dataclass
 class PreparedData:
-    train_file: Path
+    train_file: Path  # with data.sameDatasetWithinBatch: a folder of one file per training file
     eval_dir: Path | None
     train_records: int
     eval_queries: int
@@ -485,7 +504,7 @@ def prepare_training_data(
         summary = json.loads(summary_file.read_text())
         if summary.get("fingerprint") == fingerprint:
             return PreparedData(
-                out_dir / "train.jsonl",
+                out_dir / ("train" if spec.same_dataset_within_batch else "train.jsonl"),
                 out_dir / "eval" if summary["evalQueries"] else None,
                 summary["trainRecords"],
                 summary["evalQueries"],
@@ -516,9 +535,9 @@ def prepare_training_data(
 
         mine_for_training(records, spec.hard_negatives, model, model_path, seed, out_dir / "download", access)
     added = fill_negatives(records, group_size, seed)
-    write_jsonl(out_dir / "train.jsonl", (r.to_json() for r in records))
+    train_path = write_training_data(records, out_dir, by_source=spec.same_dataset_within_batch)
     prepared = PreparedData(
-        out_dir / "train.jsonl",
+        train_path,
         out_dir / "eval" if eval_set else None,
         len(records),
         len(eval_set.queries) if eval_set else 0,

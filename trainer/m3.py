@@ -125,5 +125,9 @@ def build_m3_training_arguments(config: TrainerConfig, output_dir: Path) -> Enco
         self_distill_start_step=unified.self_distill_start_step,
         fix_encoder=unified.freeze_encoder,
         # the loss FlagEmbedding's M3 recipe distills teacher scores with, unless training.distillation names one
-        **({} if config.training.distills else {"kd_loss_type": "m3_kd_loss"}),
+        **(
+            {}
+            if config.training.distills and config.training.distillation.loss_type
+            else {"kd_loss_type": "m3_kd_loss"}
+        ),
     )

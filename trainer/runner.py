@@ -22,6 +22,7 @@ What the subclasses change, and why:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from FlagEmbedding.abc.finetune.embedder import (
+    AbsEmbedderSameDatasetTrainDataset,
+    EmbedderTrainerCallbackForDataRefresh,
+)
 from FlagEmbedding.finetune.embedder.encoder_only.base import (
     BiEncoderOnlyEmbedderModel,
     EncoderOnlyEmbedderDataArguments,
@@ -243,10 +248,24 @@ class EmbedtuneTrainerMixin:
         encoder = self.accelerator.unwrap_model(model if model is not None else self.model).model
         load_encoder_weights(encoder, Path(resume_from_checkpoint))
         logger.info("resumed encoder weights from %s", resume_from_checkpoint)
+        if isinstance(self.train_dataset, AbsEmbedderSameDatasetTrainDataset):
+            resume_batches(self.train_dataset, Path(resume_from_checkpoint), self.args)
 
 
 class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):
     """FlagEmbedding's encoder-only trainer with embedtune's saving, resuming and counting."""
+
+
+def resume_batches(dataset: AbsEmbedderSameDatasetTrainDataset, checkpoint: Path, args) -> None:
+    """FlagEmbedding's same-dataset batches are drawn per epoch and served by a counter that
+    HF's resume does not advance (it skips batches without fetching them): draw the epochs
+    already trained and move the counter to the checkpoint's batch, as HF counts them."""
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    batches = len(dataset.batch_datas)  # per rank and epoch
+    updates_per_epoch = max(-(-batches // args.gradient_accumulation_steps), 1)  # the last may be short
+    for _ in range(step // updates_per_epoch):
+        dataset.refresh_epoch()
+    dataset.step = (step % updates_per_epoch) * args.gradient_accumulation_steps
 
 
 def load_encoder_weights(encoder: torch.nn.Module, checkpoint: Path) -> None:
@@ -316,7 +335,7 @@ class EmbedtuneRunnerMixin:
                 args.gradient_accumulation_steps,
                 records,
             )
-        return self.trainer_class(
+        trainer = self.trainer_class(
             model=self.model,
             args=self.training_args,
             train_dataset=self.train_dataset,
@@ -325,6 +344,9 @@ class EmbedtuneRunnerMixin:
             # each epoch picks other negatives (batches.py); other families' datasets pick as FlagEmbedding does
             callbacks=[*self.callbacks, *([EpochOfPicks(self.train_dataset)] if seeded else [])],
         )
+        if self.data_args.same_dataset_within_batch:  # each epoch draws new batches
+            trainer.add_callback(EmbedderTrainerCallbackForDataRefresh(self.train_dataset))
+        return trainer
 
 
 class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
@@ -450,15 +472,18 @@ def build_model_and_data_arguments(
     model_args = arguments_class(
         model_name_or_path=model_path, trust_remote_code=m.trust_remote_code, **family_arguments
     )
+    same_dataset = config.data.same_dataset_within_batch
     data_args = EmbedtuneDataArguments(
         train_data=[str(train_file)],
         train_group_size=t.group_size,
         query_max_len=m.query_max_length,
         passage_max_len=m.passage_max_length,
-        query_instruction_for_retrieval=m.query_instruction,
+        # FlagEmbedding's same-dataset batches prefix queries with the instruction unchecked: "None" for none
+        query_instruction_for_retrieval=(m.query_instruction or "") if same_dataset else m.query_instruction,
         passage_instruction_for_retrieval=m.passage_instruction,
         knowledge_distillation=t.distills,
         mask_false_negatives=t.mask_false_negatives,
+        same_dataset_within_batch=same_dataset,
     )
     return model_args, data_args
 
@@ -491,7 +516,8 @@ def build_training_arguments(
         temperature=t.temperature,
         # only the encoder family's arguments know GradCache (model_training_problems)
         **({"grad_cache_queries": t.grad_cache.mini_batch_size} if t.grad_cache else {}),
-        **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills else {}),
+        # FlagEmbedding's default is kl_div; a runner family may set its own in family_arguments
+        **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills and t.distillation.loss_type else {}),
         # FlagEmbedding refuses cross-device negatives without a process group
         negatives_cross_device=t.negatives_cross_device and world_size > 1,
         sentence_pooling_method=m.flagembedding_pooling,

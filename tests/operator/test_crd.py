@@ -170,6 +170,17 @@ def test_examples_pass_the_cel_rules(manifest):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (
+            {
+                "model": {"base": "BAAI/bge-m3", "outputs": ["dense", "sparse", "colbert"]},
+                "training": {"matryoshkaDims": [256]},
+            },
+            "training.matryoshkaDims: FlagEmbedding's bge-m3 runner does not train Matryoshka dimensions",
+        ),
+        (
+            {"training": {"unified": {"selfDistill": True}}},
+            "training.unified: needs model.outputs [dense, sparse, colbert]",
+        ),
         ({"storage": {"uri": "/tmp/models"}}, "uri: must be an s3:// URI; pods share nothing else"),
         (
             {"data": {"train": ["s3://d/t.jsonl"]}},

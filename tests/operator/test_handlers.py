@@ -246,6 +246,7 @@ async def test_the_quality_gate_reads_the_mode_it_names(cluster, operator):
     status = await cluster.phase_becomes("hybrid", "Succeeded")  # dense improved by only 0.11
     gate = next(c for c in status["conditions"] if c["type"] == "QualityGate")
     assert gate["status"] == "True" and "hybrid ndcg@10 changed by +0.2500; at least 0.2 required" in gate["message"]
+    assert status["message"].startswith("evaluation job hybrid-eval-1-1 succeeded; hybrid ndcg@10 changed by")
 
 
 async def test_evaluation_input_error_fails_the_run(cluster, operator):

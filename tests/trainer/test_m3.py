@@ -107,3 +107,41 @@ def test_each_mode_ranks_as_bgem3flagmodel_scores(trained_m3, m3_eval_set, tmp_p
             pair = np.array(every_pair[key]).reshape(len(queries), len(passages))
             expected = sorted(positions[i], key=lambda p: (-pair[i, p], p))[:k]
             assert list(found[mode][i]) == expected, (mode, i)
+
+
+def test_evaluate_reports_a_column_set_per_mode_base_vs_fine_tuned(trained_m3, tiny_xlm_roberta, tmp_path, capsys):
+    import json
+
+    from embedtune.operator.cli import main as cli
+    from embedtune.trainer.data import Record, split_held_out
+    from support.tiny import synthetic_records
+
+    _, checkpoint = trained_m3
+    exported = export_sentence_transformers(
+        checkpoint, tmp_path / "model", ModelSpec(base="x", outputs=["dense", "sparse", "colbert"])
+    )
+    records = [Record(query=r["query"], pos=r["pos"], neg=r["neg"]) for r in synthetic_records(20, seed=5)]
+    split_held_out(records, 0.5, seed=1)[1].write(tmp_path / "eval")
+    arguments = ["--eval-set", str(tmp_path / "eval"), "--k", "1,10", "--output", str(tmp_path / "metrics.json")]
+    # the base model has no heads: its sparse, colbert and hybrid columns are left out
+    code = cli(
+        [
+            "evaluate",
+            "--model",
+            str(exported),
+            "--baseline",
+            str(tiny_xlm_roberta),
+            *arguments,
+            "--modes",
+            "sparse,colbert,hybrid",
+            "--dimensions",
+            "8",
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report["modes"]) == {"sparse", "colbert", "hybrid", "dense-8"}
+    assert report["modes"]["dense-8"]["baseline"] is not None and report["modes"]["hybrid"]["baseline"] is None
+    assert all(0 <= scores["finetuned"]["ndcg@10"] <= 1 for scores in report["modes"].values())
+    table = capsys.readouterr().out
+    assert all(f"\n{mode} " in table for mode in ("dense", "sparse", "colbert", "hybrid", "dense-8"))

@@ -34,13 +34,14 @@ def write_config(
     *,
     data: Path | str | None = None,
     model: dict | None = None,
+    data_settings: dict | None = None,
     **training,
 ) -> Path:
     data = data or write_jsonl(tmp_path / "train.jsonl", synthetic_records(96, negatives=2))
     config = {
         "model": {"base": str(tiny_model), "pooling": "cls", "queryMaxLength": 16, "passageMaxLength": 16}
         | (model or {}),
-        "data": {"train": str(data), "heldOutFraction": 0.1},
+        "data": {"train": str(data), "heldOutFraction": 0.1} | (data_settings or {}),
         "training": {
             "epochs": 1,
             "batchSizePerDevice": 4,
@@ -171,12 +172,47 @@ def test_a_killed_m3_run_resumes_with_its_heads_and_self_distillation_where_it_s
     assert stored.exists(f"{RUN.model_prefix}/sparse_linear.pt")
 
 
+def test_a_killed_run_with_batches_from_one_file_each_resumes_at_its_batch(tmp_path, s3_bucket, s3_endpoint):
+    # FlagEmbedding serves these batches by a counter, drawn anew each epoch: the run crosses
+    # epochs (10 steps each) and resumes mid-epoch. Without dropout, as for M3 below.
+    base = build_tiny_bert(tmp_path / "bert", dropout=0.0)
+    records = synthetic_records(96, negatives=2)
+    write_jsonl(tmp_path / "sources" / "a.jsonl", records[:48])
+    write_jsonl(tmp_path / "sources" / "b.jsonl", records[48:])
+    kill_and_resume(
+        tmp_path,
+        base,
+        s3_bucket,
+        s3_endpoint,
+        steps=30,
+        every=6,
+        data=tmp_path / "sources",
+        data_settings={"sameDatasetWithinBatch": True},
+        # mean pooling and a higher rate: the losses of a tiny BERT's CLS vectors barely vary
+        # from batch to batch, so a wrong batch would pass unnoticed
+        model={"pooling": "mean"},
+        training={"learningRate": 1e-3},
+    )
+
+
 def kill_and_resume(
-    tmp_path, base: Path, s3_bucket, s3_endpoint, *, steps: int, every: int, model=None, training=None
+    tmp_path,
+    base: Path,
+    s3_bucket,
+    s3_endpoint,
+    *,
+    steps: int,
+    every: int,
+    model=None,
+    training=None,
+    data=None,
+    data_settings=None,
 ) -> None:
     """Kill a 2-rank run after its first complete checkpoint; the resumed run must continue an
     uninterrupted reference run's loss curve step for step."""
     settings = {
+        "data": data,
+        "data_settings": data_settings,
         "model": model,
         "training": {"maxSteps": steps} | (training or {}),
         "checkpoint": {"everySteps": every, "keep": 2},

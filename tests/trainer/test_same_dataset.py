@@ -1,0 +1,36 @@
+"""data.sameDatasetWithinBatch: every batch takes its queries from one training file."""
+
+from embedtune.trainer.contract import TrainerConfig
+from embedtune.trainer.data import prepare_training_data
+from embedtune.trainer.runner import EmbedtuneRunner, build_model_and_data_arguments, build_training_arguments
+from support.tiny import synthetic_records, write_jsonl
+
+
+def test_each_batch_takes_its_queries_from_one_training_file(tiny_model, tmp_path):
+    alpha = synthetic_records(10, seed=1)
+    beta = [r | {"query": r["query"].replace("what is", "about")} for r in synthetic_records(13, seed=2)]
+    config = TrainerConfig.model_validate(
+        {
+            "model": {"base": str(tiny_model), "queryMaxLength": 16, "passageMaxLength": 16},
+            "data": {
+                "train": [str(write_jsonl(tmp_path / "a.jsonl", alpha)), str(write_jsonl(tmp_path / "b.jsonl", beta))],
+                "sameDatasetWithinBatch": True,
+            },
+            "training": {"batchSizePerDevice": 4, "groupSize": 2},
+            "storage": {"uri": str(tmp_path / "store")},
+        }
+    )
+    prepared = prepare_training_data(config.data, 2, 42, tmp_path / "data")
+    assert sorted(f.name for f in prepared.train_file.iterdir()) == ["00000.jsonl", "00001.jsonl"]
+
+    args = build_training_arguments(config, tmp_path / "out")
+    model_args, data_args = build_model_and_data_arguments(config, str(tiny_model), prepared.train_file)
+    runner = EmbedtuneRunner(model_args, data_args, args, callbacks=[])
+    queries = [
+        runner.tokenizer.batch_decode(batch["queries"]["input_ids"], skip_special_tokens=True)
+        for batch in runner.trainer.get_train_dataloader()
+    ]
+    # full batches of 4 only: 2 of the 10 alpha queries, 3 of the 13 beta ones (partial ones dropped)
+    assert sorted(len(batch) for batch in queries) == [4] * 5
+    first_words = sorted(" ".join(sorted({text.split()[0] for text in batch})) for batch in queries)
+    assert first_words == ["about"] * 3 + ["what"] * 2  # one file per batch, no "None" instruction prefix
