@@ -170,16 +170,10 @@ def reference_varlen_attention(q, k, v, cu_seq_lens, scaling, dropout, window: i
         if 0 <= window < end - start:
             positions = torch.arange(end - start, device=q.device)
             band = (positions[:, None] - positions[None, :]).abs() <= window
-        parts.append(
-            F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),
-                k[start:end].transpose(0, 1),
-                v[start:end].transpose(0, 1),
-                attn_mask=band,
-                dropout_p=dropout,
-                scale=scaling,
-            ).transpose(0, 1)
-        )
+        # (1, heads, length, dim): SDPA's CPU kernels take 4-d input (3-d falls to a path ~8x slower)
+        q_seq, k_seq, v_seq = (tensor[start:end].transpose(0, 1)[None] for tensor in (q, k, v))
+        out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=band, dropout_p=dropout, scale=scaling)
+        parts.append(out[0].transpose(0, 1))
     return torch.cat(parts)
 
 
