@@ -178,9 +178,11 @@ class ProcessedCounter:
         self.device = device
         self._queries = self._padded_tokens = 0
         self._tokens = torch.zeros((), dtype=torch.int64, device=device)
-        self._since = time.monotonic()
+        self._since: float | None = None  # from the first step on: setup time is no training time
 
     def count(self, inputs: dict) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
         for side in ("queries", "passages"):
             # FlagEmbedding's collator hands over a list of sub-batches when sub_batch_size is set
             batches = inputs[side] if isinstance(inputs[side], list) else [inputs[side]]
@@ -205,8 +207,8 @@ class ProcessedCounter:
         queries, tokens, padded_tokens = counts.tolist()
         self._queries = self._padded_tokens = 0
         self._tokens.zero_()
-        now, elapsed = time.monotonic(), time.monotonic() - self._since
-        self._since = now
+        now = time.monotonic()
+        elapsed, self._since = now - (self._since or now), now
         taken = {"queries": queries, "tokens": tokens, "padded_tokens": padded_tokens}
         if elapsed > 0:
             taken |= {"samples_per_second": queries / elapsed, "tokens_per_second": tokens / elapsed}
