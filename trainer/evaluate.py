@@ -259,7 +259,7 @@ def _label(name: str) -> str:
 
 
 def format_table(report: MetricsReport, ks: Sequence[int]) -> str:
-    sections = [("metric", report, (*COLUMNS, "delta", "merged_delta"))]
+    sections = [("dense" if report.modes else "metric", report, (*COLUMNS, "delta", "merged_delta"))]
     sections += [(mode, scores, ("baseline", "finetuned", "delta")) for mode, scores in (report.modes or {}).items()]
     if report.retention is not None:
         sections.append(("retention", report.retention, COLUMNS))

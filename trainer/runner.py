@@ -373,7 +373,9 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
         # FlagEmbedding's same-dataset batches come from another dataset class, which hashes nothing
         return self.data_args.mask_false_negatives and not self.data_args.same_dataset_within_batch
 
-    def load_train_dataset(self) -> SeededPickDataset:
+    def load_train_dataset(self):
+        if self.data_args.same_dataset_within_batch:  # FlagEmbedding's same-dataset batches, its own dataset
+            return super().load_train_dataset()
         dataset_class = PositiveHashingDataset if self.masks_false_negatives else SeededPickDataset
         return dataset_class(seed=self.training_args.seed, args=self.data_args, tokenizer=self.tokenizer)
 
