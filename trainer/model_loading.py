@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import pickle
 import socket
 from collections.abc import Iterator
@@ -88,9 +89,25 @@ def load_tokenizer_and_encoder(
     from transformers import AutoModel
 
     tokenizer = load_tokenizer(name, field, trust_remote_code=trust_remote_code, decoder=decoder)
-    with loading_model(name, field):
-        encoder = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_language_model_head_report)
+    try:
+        with loading_model(name, field):
+            encoder = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+    finally:
+        report_logger.removeFilter(_language_model_head_report)
     return tokenizer, encoder
+
+
+def _language_model_head_report(record: logging.LogRecord) -> bool:
+    """False for transformers' load report when all it says is that a causal LM's head
+    (lm_head.*) was not loaded: an embedder has no use for it, so there is nothing to act on."""
+    message = record.getMessage()
+    if "LOAD REPORT" not in message:
+        return True
+    rows = [line.split("|")[0].strip() for line in message.splitlines() if line.count("|") >= 2]
+    keys = [key for key in rows if key and key != "Key" and not key.startswith("-")]
+    return not keys or not all(key.startswith("lm_head.") for key in keys)
 
 
 def model_type_of(path: str | Path) -> str | None:

@@ -104,3 +104,21 @@ def test_an_unreachable_hub_or_a_full_disk_stays_retryable():
     with pytest.raises(OSError) as caught, loading_model("BAAI/bge-base-en-v1.5"):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert not isinstance(caught.value, InputError)
+
+
+def test_a_causal_lms_unused_head_is_not_reported_but_other_load_problems_are(tiny_decoder, caplog):
+    import logging
+
+    from embedtune.trainer.model_loading import _language_model_head_report, load_tokenizer_and_encoder
+
+    with caplog.at_level(logging.WARNING):
+        load_tokenizer_and_encoder(str(tiny_decoder), decoder=True)
+    assert "LOAD REPORT" not in caplog.text
+
+    def report(*keys: str) -> logging.LogRecord:
+        rows = "".join(f"{key} | UNEXPECTED |  | \n" for key in keys)
+        message = f"Qwen3Model LOAD REPORT from: x\nKey | Status |  | \n----+--------+--+-\n{rows}"
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _language_model_head_report(report("lm_head.weight"))
+    assert _language_model_head_report(report("lm_head.weight", "layers.0.mlp.up_proj.weight"))
