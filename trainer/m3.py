@@ -33,6 +33,7 @@ from .runner import (
     EmbedtuneRunnerMixin,
     EmbedtuneTrainerMixin,
     ScoreShapeMixin,
+    bi_encoder_arguments,
     build_model_and_data_arguments,
     build_training_arguments,
 )
@@ -87,12 +88,7 @@ class EmbedtuneM3Runner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderM3Runner):
         model = EmbedtuneM3Model(
             parts,
             tokenizer=tokenizer,
-            negatives_cross_device=args.negatives_cross_device,
-            temperature=args.temperature,
-            sub_batch_size=args.sub_batch_size,
-            kd_loss_type=args.kd_loss_type,
-            sentence_pooling_method=args.sentence_pooling_method,
-            normalize_embeddings=args.normalize_embeddings,
+            **bi_encoder_arguments(args),
             unified_finetuning=args.unified_finetuning,
             use_self_distill=args.use_self_distill,
             self_distill_start_step=args.self_distill_start_step,

@@ -401,20 +401,23 @@ def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: b
         encoder = add_lora(encoder, runner.lora, decoder=decoder)
     args = runner.training_args
     model = model_class(
-        encoder,
-        tokenizer=tokenizer,
-        negatives_cross_device=args.negatives_cross_device,
-        temperature=args.temperature,
-        sub_batch_size=args.sub_batch_size,
-        kd_loss_type=args.kd_loss_type,
-        use_mrl=args.use_mrl,
-        mrl_dims=args.mrl_dims,
-        sentence_pooling_method=args.sentence_pooling_method,
-        normalize_embeddings=args.normalize_embeddings,
+        encoder, tokenizer=tokenizer, use_mrl=args.use_mrl, mrl_dims=args.mrl_dims, **bi_encoder_arguments(args)
     )
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     return tokenizer, model
+
+
+def bi_encoder_arguments(args) -> dict:
+    """What every FlagEmbedding bi-encoder model is built with, from its training arguments."""
+    return {
+        "negatives_cross_device": args.negatives_cross_device,
+        "temperature": args.temperature,
+        "sub_batch_size": args.sub_batch_size,
+        "kd_loss_type": args.kd_loss_type,
+        "sentence_pooling_method": args.sentence_pooling_method,
+        "normalize_embeddings": args.normalize_embeddings,
+    }
 
 
 def join_deepspeed_comm() -> None:
