@@ -96,6 +96,19 @@ TRIALS: dict[str, dict] = {
     "full-lr2e-4": variant(training={"learningRate": 2e-4}),
     "steps150-lr1e-4": variant(training={"maxSteps": 150, "learningRate": 1e-4}),
 }
+# The shipped quickstart settings (examples/quickstart.yaml), for trials of later training options.
+FINAL = {"maxSteps": 150, "learningRate": 1e-4}
+TRIALS |= {
+    # training.maskFalseNegatives (on by default): a passage equal to one of the query's own
+    # positives is not used as its negative
+    "final-masked": variant(training=FINAL),
+    "final-unmasked": variant(training=FINAL | {"maskFalseNegatives": False}),
+    # training.gradCache: 4x the batch, encoded 64 queries at a time; steps cut so the run encodes
+    # as many texts as the 150-step one (150 * 64 / 256 ~ 38), learning rate unchanged
+    "final-batch256-cached": variant(
+        training=FINAL | {"maxSteps": 38, "batchSizePerDevice": 256, "gradCache": {"miniBatchSize": 64}}
+    ),
+}
 
 
 def load_builder():
