@@ -392,11 +392,6 @@ def model_training_problems(model: ModelSpec, training: TrainingSpec) -> list[st
             "model.lora: bge-m3's unified fine-tuning trains every weight; remove model.lora or train "
             "model.outputs [dense]"
         )
-    if training.grad_cache is not None and (model.unified or model.family == "decoder"):
-        problems.append(
-            "training.gradCache: GradCache is implemented for encoders trained with model.outputs [dense]; "
-            "remove it, or use training.gradientCheckpointing to save memory"
-        )
     if model.unified and model.family == "decoder":
         problems.append("model.outputs: sparse and colbert are bge-m3's (an encoder's); a decoder trains [dense]")
     return problems

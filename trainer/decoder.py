@@ -22,14 +22,17 @@ from .lora import DECODER_TARGETS
 from .runner import (
     EmbedtuneRunnerMixin,
     EmbedtuneTrainerMixin,
+    FalseNegativeMasking,
+    GradCacheEncoding,
     ScoreShapeMixin,
     build_model_and_data_arguments,
     load_embedder,
 )
 
 
-class EmbedtuneDecoderModel(ScoreShapeMixin, BiDecoderOnlyEmbedderModel):
-    """FlagEmbedding's decoder-only bi-encoder, recording its first score matrix's shape."""
+class EmbedtuneDecoderModel(ScoreShapeMixin, GradCacheEncoding, FalseNegativeMasking, BiDecoderOnlyEmbedderModel):
+    """FlagEmbedding's decoder-only bi-encoder, recording its first score matrix's shape,
+    encoding in GradCache mini-batches when asked and masking false negatives."""
 
 
 class EmbedtuneDecoderTrainer(EmbedtuneTrainerMixin, DecoderOnlyEmbedderTrainer):

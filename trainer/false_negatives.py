@@ -6,7 +6,8 @@ negatives against every passage of every rank; when two queries share a positive
 product data often do), each is trained away from its own answer. The dataset adds the hashes
 of each record's positives, the collator those of every passage, both with the passage
 instruction applied (the text the model reads); the model gathers hashes, never texts, across
-ranks and masks the matching scores before the loss.
+ranks and masks the matching scores before the loss (runner.FalseNegativeMasking). FlagEmbedding's
+same-dataset batches (data.sameDatasetWithinBatch) are hashed likewise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from FlagEmbedding.abc.finetune.embedder import AbsEmbedderCollator
+from FlagEmbedding.abc.finetune.embedder import (
+    AbsEmbedderCollator,
+    AbsEmbedderSameDatasetCollator,
+    AbsEmbedderSameDatasetTrainDataset,
+)
 
 from .batches import SeededPickDataset
 
@@ -29,36 +34,65 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
+def positive_hashes(args, positives: list[str]) -> list[int]:
+    """The hashes of a record's positives as the model reads them (the passage instruction applied)."""
+    instruction = args.passage_instruction_for_retrieval
+    if instruction is not None:
+        positives = [args.passage_instruction_format.format(instruction, p) for p in positives]
+    return [text_hash(p) for p in positives]
+
+
+def hash_tensors(passages: list[str], positives: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A batch's `passage_hashes` (one per passage) and `positive_hashes` (one row per query,
+    padded with NO_HASH)."""
+    longest = max(len(hashes) for hashes in positives)
+    return {
+        "positive_hashes": torch.tensor(
+            [hashes + [NO_HASH] * (longest - len(hashes)) for hashes in positives], dtype=torch.int64
+        ),
+        "passage_hashes": torch.tensor([text_hash(passage) for passage in passages], dtype=torch.int64),
+    }
+
+
 class PositiveHashingDataset(SeededPickDataset):
     """The training dataset (seeded picks); each item also carries the hashes of its record's positives."""
 
     def __getitem__(self, item):
         query, passages, teacher_scores = super().__getitem__(item)
-        positives = self.dataset[item]["pos"]
-        if self.args.passage_instruction_for_retrieval is not None:
-            positives = [
-                self.args.passage_instruction_format.format(self.args.passage_instruction_for_retrieval, p)
-                for p in positives
-            ]
-        return query, passages, teacher_scores, [text_hash(p) for p in positives]
+        return query, passages, teacher_scores, positive_hashes(self.args, self.dataset[item]["pos"])
 
 
 @dataclass
 class PassageHashingCollator(AbsEmbedderCollator):
-    """FlagEmbedding's collator; the batch also holds `passage_hashes` (one per passage) and
-    `positive_hashes` (one row per query, padded with NO_HASH)."""
+    """FlagEmbedding's collator; the batch also holds the hashes (hash_tensors)."""
 
     def __call__(self, features):
         batch = super().__call__([feature[:3] for feature in features])
-        positives = [feature[3] for feature in features]
-        longest = max(len(hashes) for hashes in positives)
-        batch["positive_hashes"] = torch.tensor(
-            [hashes + [NO_HASH] * (longest - len(hashes)) for hashes in positives], dtype=torch.int64
-        )
-        batch["passage_hashes"] = torch.tensor(
-            [text_hash(passage) for feature in features for passage in feature[1]], dtype=torch.int64
-        )
-        return batch
+        passages = [passage for feature in features for passage in feature[1]]
+        return batch | hash_tensors(passages, [feature[3] for feature in features])
+
+
+class PositiveHashingSameDatasetTrainDataset(AbsEmbedderSameDatasetTrainDataset):
+    """FlagEmbedding's same-dataset batches (each a whole batch of one training file); each
+    also carries the hashes of its records' positives."""
+
+    def _create_batch_data(self, batch_raw_data):
+        self._positive_hashes = [positive_hashes(self.args, positives) for positives in batch_raw_data["pos"]]
+        return super()._create_batch_data(batch_raw_data)
+
+    def __getitem__(self, item):
+        batch = super().__getitem__(item)  # creates the batch data, hashing its positives
+        return (*batch, self._positive_hashes)
+
+
+@dataclass
+class PassageHashingSameDatasetCollator(AbsEmbedderSameDatasetCollator):
+    """FlagEmbedding's same-dataset collator; the batch also holds the hashes (hash_tensors)."""
+
+    def __call__(self, features):
+        ((queries, passages, teacher_scores, no_in_batch_neg_flag, positives),) = features
+        batch = super().__call__([(queries, passages, teacher_scores, no_in_batch_neg_flag)])
+        return batch | hash_tensors(passages, positives)
 
 
 def false_negatives(passage_hashes: torch.Tensor, positive_hashes: torch.Tensor) -> torch.Tensor:

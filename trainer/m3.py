@@ -2,7 +2,8 @@
 the sparse token weights and the ColBERT token vectors are trained together, each
 contrastively, plus their weighted sum, with self-distillation from the sum into each.
 
-Built from runner.py's mixins like the dense family; what M3 adds:
+Built from runner.py's mixins like the dense family (GradCache, masked false negatives in each
+score matrix); what M3 adds:
 - the heads (colbert_linear.pt, sparse_linear.pt) are saved with every checkpoint, also
   under DeepSpeed (whose gathered state FlagEmbedding's save ignores), and resumed exactly;
 - the model's micro-batch counter, which decides when self-distillation starts, resumes at the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +34,9 @@ from .model_loading import load_tokenizer, loading_model
 from .runner import (
     EmbedtuneRunnerMixin,
     EmbedtuneTrainerMixin,
+    FalseNegativeMasking,
+    GradCacheArguments,
+    GradCacheEncoding,
     ScoreShapeMixin,
     bi_encoder_arguments,
     build_model_and_data_arguments,
@@ -45,11 +50,25 @@ logger = logging.getLogger(__name__)
 HEAD_FILES = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
 
 
-class EmbedtuneM3Model(ScoreShapeMixin, EncoderOnlyEmbedderM3Model):
-    """FlagEmbedding's M3 model, logging the shape of its dense (cross-device) score matrix."""
+class EmbedtuneM3Model(ScoreShapeMixin, GradCacheEncoding, FalseNegativeMasking, EncoderOnlyEmbedderM3Model):
+    """FlagEmbedding's M3 model, logging the shape of its dense (cross-device) score matrix,
+    encoding in GradCache mini-batches when asked and masking false negatives in each of its
+    score matrices: dense, sparse and ColBERT, so also in their weighted sum (-inf there, which
+    the cross-entropy and the self-distillation's softmax take as a left-out passage)."""
 
     def compute_dense_score(self, q_reps, p_reps):
-        return self.record_scores_shape(super().compute_dense_score(q_reps, p_reps))
+        return self.record_scores_shape(self.mask_false_negatives(super().compute_dense_score(q_reps, p_reps)))
+
+    def compute_sparse_score(self, q_reps, p_reps):
+        return self.mask_false_negatives(super().compute_sparse_score(q_reps, p_reps))
+
+    def compute_colbert_score(self, q_reps, p_reps, q_mask: torch.Tensor | None = None):
+        return self.mask_false_negatives(super().compute_colbert_score(q_reps, p_reps, q_mask=q_mask))
+
+
+@dataclass
+class EmbedtuneM3TrainingArguments(GradCacheArguments, EncoderOnlyEmbedderM3TrainingArguments):
+    """FlagEmbedding's M3 training arguments, and GradCache's."""
 
 
 class EmbedtuneM3Trainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderM3Trainer):
@@ -93,6 +112,7 @@ class EmbedtuneM3Runner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderM3Runner):
             use_self_distill=args.use_self_distill,
             self_distill_start_step=args.self_distill_start_step,
         )
+        model.grad_cache_queries = args.grad_cache_queries
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         if args.fix_encoder:
@@ -110,12 +130,12 @@ def build_m3_model_and_data_arguments(config: TrainerConfig, model_path: str, tr
     )
 
 
-def build_m3_training_arguments(config: TrainerConfig, output_dir: Path) -> EncoderOnlyEmbedderM3TrainingArguments:
+def build_m3_training_arguments(config: TrainerConfig, output_dir: Path) -> EmbedtuneM3TrainingArguments:
     unified = config.training.unified or UnifiedFinetuningSpec()
     return build_training_arguments(
         config,
         output_dir,
-        EncoderOnlyEmbedderM3TrainingArguments,
+        EmbedtuneM3TrainingArguments,
         unified_finetuning=True,
         use_self_distill=unified.self_distill,
         self_distill_start_step=unified.self_distill_start_step,

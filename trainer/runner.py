@@ -62,7 +62,14 @@ from .batches import PREFETCH_BATCHES, EpochOfPicks, SeededPickDataset, dataload
 from .checkpoints import CheckpointUploader
 from .config import LoraSpec
 from .contract import TrainerConfig
-from .false_negatives import PassageHashingCollator, PositiveHashingDataset, false_negatives, gather_hashes
+from .false_negatives import (
+    PassageHashingCollator,
+    PassageHashingSameDatasetCollator,
+    PositiveHashingDataset,
+    PositiveHashingSameDatasetTrainDataset,
+    false_negatives,
+    gather_hashes,
+)
 from .lora import add_lora, is_adapter_checkpoint, load_adapter_weights
 from .model_loading import load_tokenizer_and_encoder
 from .padding_free import PackingCollator, PaddingFreeEncoding, enable_padding_free, is_packed
@@ -102,27 +109,76 @@ class EmbedtuneDataArguments(EncoderOnlyEmbedderDataArguments):
 
 
 @dataclass
-class EmbedtuneTrainingArguments(EncoderOnlyEmbedderTrainingArguments):
+class GradCacheArguments:
+    """The training argument every family's model reads for GradCache (GradCacheEncoding)."""
+
     grad_cache_queries: int = field(
         default=0, metadata={"help": "Queries per GradCache mini-batch; 0 encodes the whole batch at once."}
     )
 
 
-class EmbedtuneEmbedderModel(ScoreShapeMixin, PaddingFreeEncoding, BiEncoderOnlyEmbedderModel):
-    """FlagEmbedding's dense bi-encoder: logs its score shape, runs padding-free (packed
-    features), masks false negatives, and encodes in GradCache mini-batches when asked."""
+@dataclass
+class EmbedtuneTrainingArguments(GradCacheArguments, EncoderOnlyEmbedderTrainingArguments):
+    """The encoder (and decoder) families' training arguments."""
 
-    # the step's false negatives, shaped as the score matrix its loss is computed on
-    _false_negatives: torch.Tensor | None = None
-    # GradCache: queries per mini-batch (0: off), and the queries of the step being encoded
+
+class FalseNegativeMasking:
+    """Masks false negatives (false_negatives.py) in a FlagEmbedding bi-encoder: a passage whose
+    text equals one of a query's positives scores the lowest value for that query. The batch's
+    hashes give one mask for the local score matrix and, with cross-device negatives, one for the
+    gathered one; each score matrix takes the mask of its shape (bge-m3 scores dense across
+    devices, sparse and ColBERT within the batch)."""
+
+    # the step's masks, by the shape of the score matrix they fit
+    _false_negatives: dict[tuple[int, int], torch.Tensor] = {}
+
+    def forward(
+        self,
+        queries=None,
+        passages=None,
+        teacher_scores=None,
+        no_in_batch_neg_flag: bool = False,
+        passage_hashes: torch.Tensor | None = None,
+        positive_hashes: torch.Tensor | None = None,
+    ):
+        masks = {}
+        if self.training and passage_hashes is not None:
+            local = false_negatives(passage_hashes, positive_hashes)
+            masks[tuple(local.shape)] = local
+            if self.negatives_cross_device and not no_in_batch_neg_flag:
+                gathered = false_negatives(*gather_hashes(passage_hashes, positive_hashes))
+                masks[tuple(gathered.shape)] = gathered
+        self._false_negatives = masks
+        try:
+            return super().forward(queries, passages, teacher_scores, no_in_batch_neg_flag)
+        finally:
+            self._false_negatives = {}
+
+    def mask_false_negatives(self, scores: torch.Tensor) -> torch.Tensor:
+        mask = self._false_negatives.get(tuple(scores.shape))
+        return scores if mask is None else scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+
+    def compute_score(self, q_reps, p_reps, *args, **kwargs):
+        return self.mask_false_negatives(super().compute_score(q_reps, p_reps, *args, **kwargs))
+
+
+class GradCacheEncoding:
+    """GradCache for a FlagEmbedding bi-encoder: with `grad_cache_queries` set, a training batch
+    is encoded in mini-batches of that many queries (and their passages), each under
+    (non-reentrant) activation checkpointing. The forward keeps only each mini-batch's
+    embeddings; the backward, after the loss over the whole batch, encodes each mini-batch again
+    (RNG state restored, so dropout matches) with its embeddings' gradients, one at a time."""
+
+    # queries per mini-batch (0: off), and the queries of the step being encoded
     grad_cache_queries: int = 0
     _batch_queries: int = 0
 
+    def forward(self, queries=None, *args, **kwargs):
+        if self.grad_cache_queries and isinstance(queries, Mapping):  # a list when FlagEmbedding made sub-batches
+            self._batch_queries = queries["attention_mask"].size(0)
+        return super().forward(queries, *args, **kwargs)
+
     def encode(self, features):
-        """With GradCache, the batch in mini-batches, each under (non-reentrant) activation
-        checkpointing: the forward keeps only each mini-batch's embeddings; the backward, after
-        the loss over the whole batch, encodes each mini-batch again (RNG state restored, so
-        dropout matches) with its embeddings' gradients, one mini-batch at a time."""
         if not (
             self.grad_cache_queries and self.training and torch.is_grad_enabled() and isinstance(features, Mapping)
         ):
@@ -136,35 +192,23 @@ class EmbedtuneEmbedderModel(ScoreShapeMixin, PaddingFreeEncoding, BiEncoderOnly
             )
             for start in range(0, rows, step)
         ]
-        if isinstance(chunks[0], list):  # Matryoshka: one tensor per dimension
-            return [torch.cat(parts) for parts in zip(*chunks)]
+        return concatenate_embeddings(chunks)
+
+
+def concatenate_embeddings(chunks: list):
+    """The embeddings of consecutive mini-batches as one batch's: a tensor, a list per Matryoshka
+    dimension, or bge-m3's (dense, sparse, ColBERT) tuple, whose parts may be None."""
+    if isinstance(chunks[0], torch.Tensor):
         return torch.cat(chunks)
+    parts = [None if part[0] is None else torch.cat(part) for part in zip(*chunks)]
+    return tuple(parts) if isinstance(chunks[0], tuple) else parts
 
-    def forward(
-        self,
-        queries=None,
-        passages=None,
-        teacher_scores=None,
-        no_in_batch_neg_flag: bool = False,
-        passage_hashes: torch.Tensor | None = None,
-        positive_hashes: torch.Tensor | None = None,
-    ):
-        if self.grad_cache_queries and isinstance(queries, Mapping):  # a list when FlagEmbedding made sub-batches
-            self._batch_queries = queries["attention_mask"].size(0)
-        if self.training and passage_hashes is not None:
-            if self.negatives_cross_device and not no_in_batch_neg_flag:
-                passage_hashes, positive_hashes = gather_hashes(passage_hashes, positive_hashes)
-            self._false_negatives = false_negatives(passage_hashes, positive_hashes)
-        try:
-            return super().forward(queries, passages, teacher_scores, no_in_batch_neg_flag)
-        finally:
-            self._false_negatives = None
 
-    def compute_score(self, q_reps, p_reps, *args, **kwargs):
-        scores = super().compute_score(q_reps, p_reps, *args, **kwargs)
-        if self._false_negatives is not None:
-            scores = scores.masked_fill(self._false_negatives, torch.finfo(scores.dtype).min)
-        return scores
+class EmbedtuneEmbedderModel(
+    ScoreShapeMixin, GradCacheEncoding, FalseNegativeMasking, PaddingFreeEncoding, BiEncoderOnlyEmbedderModel
+):
+    """FlagEmbedding's dense bi-encoder: logs its score shape, encodes in GradCache mini-batches
+    when asked, masks false negatives, and runs padding-free (packed features)."""
 
 
 class ProcessedCounter:
@@ -316,12 +360,42 @@ class EmbedtuneRunnerMixin:
         self.packing = None  # set when the model runs padding-free
         super().__init__(model_args=model_args, data_args=data_args, training_args=training_args)
 
+    @property
+    def masks_false_negatives(self) -> bool:
+        return self.data_args.mask_false_negatives
+
+    def load_train_dataset(self):
+        """The families' datasets: seeded picks (batches.py), hashing positives where false
+        negatives are masked; FlagEmbedding's same-dataset batches with data.sameDatasetWithinBatch."""
+        if self.data_args.same_dataset_within_batch:
+            if not self.masks_false_negatives:
+                return super().load_train_dataset()
+            dataset = PositiveHashingSameDatasetTrainDataset(
+                args=self.data_args,
+                default_batch_size=self.training_args.per_device_train_batch_size,
+                seed=self.training_args.seed,
+                tokenizer=self.tokenizer,
+                process_index=self.training_args.process_index,
+                num_processes=self.training_args.world_size,
+            )
+            # what FlagEmbedding's runner sets for these batches: the dataset serves whole batches, in order
+            self.training_args.per_device_train_batch_size = 1
+            self.training_args.dataloader_num_workers = 0
+            return dataset
+        dataset_class = PositiveHashingDataset if self.masks_false_negatives else SeededPickDataset
+        return dataset_class(seed=self.training_args.seed, args=self.data_args, tokenizer=self.tokenizer)
+
     def load_data_collator(self):
         collator = super().load_data_collator()
         # FlagEmbedding's `padding=True`, by its name: the tokenizer then does not warn on every
         # batch that max_length is ignored (the texts are already truncated to it)
         collator.padding = PaddingStrategy.LONGEST
-        return collator
+        if not self.masks_false_negatives:
+            return collator
+        hashing = (
+            PassageHashingSameDatasetCollator if self.data_args.same_dataset_within_batch else PassageHashingCollator
+        )
+        return hashing(**{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)})
 
     def load_trainer(self):
         args, records = self.training_args, len(self.train_dataset)
@@ -343,7 +417,7 @@ class EmbedtuneRunnerMixin:
             train_dataset=self.train_dataset,
             data_collator=self.data_collator,
             processing_class=self.tokenizer,
-            # each epoch picks other negatives (batches.py); other families' datasets pick as FlagEmbedding does
+            # each epoch picks other negatives (batches.py); same-dataset batches are drawn per epoch instead
             callbacks=[*self.callbacks, *([EpochOfPicks(self.train_dataset)] if seeded else [])],
         )
         if self.data_args.same_dataset_within_batch:  # each epoch draws new batches
@@ -359,7 +433,6 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
     def load_tokenizer_and_model(self):
         tokenizer, model = load_embedder(self, EmbedtuneEmbedderModel, decoder=False)
         args = self.training_args
-        model.grad_cache_queries = args.grad_cache_queries
         if self.padding_free:
             if (args.sub_batch_size or 0) > 0 or args.grad_cache_queries:
                 # both split the padded batch by rows; a packed batch has none
@@ -368,23 +441,8 @@ class EmbedtuneRunner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderRunner):
                 self.packing = enable_padding_free(model.model)
         return tokenizer, model
 
-    @property
-    def masks_false_negatives(self) -> bool:
-        # FlagEmbedding's same-dataset batches come from another dataset class, which hashes nothing
-        return self.data_args.mask_false_negatives and not self.data_args.same_dataset_within_batch
-
-    def load_train_dataset(self):
-        if self.data_args.same_dataset_within_batch:  # FlagEmbedding's same-dataset batches, its own dataset
-            return super().load_train_dataset()
-        dataset_class = PositiveHashingDataset if self.masks_false_negatives else SeededPickDataset
-        return dataset_class(seed=self.training_args.seed, args=self.data_args, tokenizer=self.tokenizer)
-
     def load_data_collator(self):
         collator = super().load_data_collator()
-        if self.masks_false_negatives:
-            collator = PassageHashingCollator(
-                **{f.name: getattr(collator, f.name) for f in dataclasses.fields(collator)}
-            )
         # packing last: it packs the padded batch and passes the hashes on
         return collator if self.packing is None else PackingCollator(collator, self.packing)
 
@@ -403,6 +461,7 @@ def load_embedder(runner: EmbedtuneRunnerMixin, model_class: type, *, decoder: b
     model = model_class(
         encoder, tokenizer=tokenizer, use_mrl=args.use_mrl, mrl_dims=args.mrl_dims, **bi_encoder_arguments(args)
     )
+    model.grad_cache_queries = args.grad_cache_queries
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     return tokenizer, model
@@ -521,8 +580,7 @@ def build_training_arguments(
         per_device_train_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         temperature=t.temperature,
-        # only the encoder family's arguments know GradCache (model_training_problems)
-        **({"grad_cache_queries": t.grad_cache.mini_batch_size} if t.grad_cache else {}),
+        grad_cache_queries=t.grad_cache.mini_batch_size if t.grad_cache else 0,
         # FlagEmbedding's default is kl_div; a runner family may set its own in family_arguments
         **({"kd_loss_type": t.distillation.flagembedding_loss} if t.distills and t.distillation.loss_type else {}),
         # FlagEmbedding refuses cross-device negatives without a process group

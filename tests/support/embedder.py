@@ -7,30 +7,57 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 MAX_LENGTH = 16
 
 
 def load_embedder(
-    model_path: Path, *, negatives_cross_device: bool = False, temperature: float = 0.05, dropout: bool = False
+    model_path: Path,
+    *,
+    family: str = "encoder",
+    negatives_cross_device: bool = False,
+    temperature: float = 0.05,
+    dropout: bool = False,
 ):
-    """The training model; without dropout (the default) a batch's loss is a function of the batch."""
+    """The training model of a runner family ("encoder", "m3": dense + sparse + ColBERT with
+    self-distillation from the first step, "decoder"); without dropout (the default) a batch's
+    loss is a function of the batch."""
     from embedtune.trainer.model_loading import load_tokenizer_and_encoder
-    from embedtune.trainer.runner import EmbedtuneEmbedderModel
 
     torch.manual_seed(0)
-    tokenizer, encoder = load_tokenizer_and_encoder(str(model_path))
-    for module in encoder.modules() if not dropout else ():
+    arguments = {
+        "negatives_cross_device": negatives_cross_device,
+        "temperature": temperature,
+        "normalize_embeddings": True,
+    }
+    if family == "m3":
+        from FlagEmbedding.finetune.embedder.encoder_only.m3 import EncoderOnlyEmbedderM3Runner
+
+        from embedtune.trainer.m3 import EmbedtuneM3Model
+        from embedtune.trainer.model_loading import load_tokenizer
+
+        model = EmbedtuneM3Model(
+            EncoderOnlyEmbedderM3Runner.get_model(str(model_path), colbert_dim=16),
+            tokenizer=load_tokenizer(str(model_path)),
+            sentence_pooling_method="cls",
+            unified_finetuning=True,
+            use_self_distill=True,
+            self_distill_start_step=-1,
+            **arguments,
+        )
+    else:
+        from embedtune.trainer.decoder import EmbedtuneDecoderModel
+        from embedtune.trainer.runner import EmbedtuneEmbedderModel
+
+        decoder = family == "decoder"
+        tokenizer, encoder = load_tokenizer_and_encoder(str(model_path), decoder=decoder)
+        model = (EmbedtuneDecoderModel if decoder else EmbedtuneEmbedderModel)(
+            encoder, tokenizer=tokenizer, sentence_pooling_method="last_token" if decoder else "cls", **arguments
+        )
+    for module in model.modules() if not dropout else ():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model = EmbedtuneEmbedderModel(
-        encoder,
-        tokenizer=tokenizer,
-        negatives_cross_device=negatives_cross_device,
-        temperature=temperature,
-        sentence_pooling_method="cls",
-        normalize_embeddings=True,
-    )
     return model.train()
 
 
@@ -57,9 +84,11 @@ def hashed_batch(model, train_file: Path, indices: list[int], *, group_size: int
     return batch
 
 
-def loss_on_rank(rank: int, world_size: int, model_path: Path, train_file: Path, order: list[int]) -> float:
+def loss_on_rank(
+    rank: int, world_size: int, model_path: Path, train_file: Path, order: list[int], family: str = "encoder"
+) -> float:
     """This rank's loss with cross-device negatives, on its share of `order`."""
-    model = load_embedder(model_path, negatives_cross_device=True)
+    model = load_embedder(model_path, family=family, negatives_cross_device=True)
     share = len(order) // world_size
     return model(**hashed_batch(model, train_file, order[rank * share : (rank + 1) * share])).loss.item()
 
@@ -88,10 +117,76 @@ def grad_cache_differences(model, batch: dict, mini_batch: int) -> tuple[float, 
 
 
 def grad_cache_differences_on_rank(
-    rank: int, world_size: int, model_path: Path, train_file: Path, group_size: int, mini_batch: int
+    rank: int,
+    world_size: int,
+    model_path: Path,
+    train_file: Path,
+    group_size: int,
+    mini_batch: int,
+    family: str = "encoder",
 ) -> tuple[float, float]:
     """grad_cache_differences with cross-device negatives, on this rank's half of the data."""
-    model = load_embedder(model_path, negatives_cross_device=True)
+    model = load_embedder(model_path, family=family, negatives_cross_device=True)
     rows = list(range(rank * 4, rank * 4 + 4))
     batch = hashed_batch(model, train_file, rows, group_size=group_size)
     return grad_cache_differences(model, batch, mini_batch)
+
+
+def m3_losses(model, batch: dict, left_out: list[tuple[int, int]]) -> dict[str, float]:
+    """bge-m3's loss on `batch`: "masked" (by its hashes), "unmasked" (without them) and
+    "reference": FlagEmbedding's own M3 model over the same weights, unhashed, with the scores at
+    `left_out` (query, passage) positions of the whole batch (of every rank) set to the lowest value
+    in every score matrix of that size, at positions the test knows rather than from hashes."""
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import EncoderOnlyEmbedderM3Model
+
+    world_size = dist.get_world_size() if model.negatives_cross_device else 1
+    whole = (batch["positive_hashes"].size(0) * world_size, batch["passage_hashes"].size(0) * world_size)
+
+    class PositionsLeftOut(EncoderOnlyEmbedderM3Model):
+        def leave_out(self, scores):
+            if tuple(scores.shape) != whole:
+                return scores
+            scores = scores.clone()
+            for row, column in left_out:
+                scores[row, column] = torch.finfo(scores.dtype).min
+            return scores
+
+        def compute_dense_score(self, q_reps, p_reps):
+            return self.leave_out(super().compute_dense_score(q_reps, p_reps))
+
+        def compute_sparse_score(self, q_reps, p_reps):
+            return self.leave_out(super().compute_sparse_score(q_reps, p_reps))
+
+        def compute_colbert_score(self, q_reps, p_reps, q_mask=None):
+            return self.leave_out(super().compute_colbert_score(q_reps, p_reps, q_mask=q_mask))
+
+        def ensemble_score(self, q_reps, p_reps, dense_scores=None, sparse_scores=None, colbert_scores=None):
+            return self.leave_out(super().ensemble_score(q_reps, p_reps, dense_scores, sparse_scores, colbert_scores))
+
+    reference = PositionsLeftOut(
+        {"model": model.model, "colbert_linear": model.colbert_linear, "sparse_linear": model.sparse_linear},
+        tokenizer=model.tokenizer,
+        negatives_cross_device=model.negatives_cross_device,
+        temperature=model.temperature,
+        sentence_pooling_method=model.sentence_pooling_method,
+        normalize_embeddings=model.normalize_embeddings,
+        unified_finetuning=True,
+        use_self_distill=model.use_self_distill,
+        self_distill_start_step=model.self_distill_start_step,
+    ).train()
+    unhashed = {key: value for key, value in batch.items() if not key.endswith("_hashes")}
+    with torch.no_grad():
+        return {
+            "masked": model(**batch).loss.item(),
+            "unmasked": model(**unhashed).loss.item(),
+            "reference": reference(**unhashed).loss.item(),
+        }
+
+
+def m3_losses_on_rank(
+    rank: int, world_size: int, model_path: Path, train_file: Path, order: list[int], left_out: list[tuple[int, int]]
+) -> dict[str, float]:
+    """m3_losses with cross-device negatives, on this rank's share of `order`."""
+    model = load_embedder(model_path, family="m3", negatives_cross_device=True)
+    share = len(order) // world_size
+    return m3_losses(model, hashed_batch(model, train_file, order[rank * share : (rank + 1) * share]), left_out)

@@ -3,11 +3,14 @@ within the batch and across ranks."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from embedtune.trainer.contract import TrainerConfig
 from embedtune.trainer.runner import build_model_and_data_arguments
-from support.embedder import hashed_batch, load_embedder, loss_on_rank
+from support.embedder import hashed_batch, load_embedder, loss_on_rank, m3_losses, m3_losses_on_rank
 from support.ranks import run_on_ranks
 from support.tiny import write_jsonl
 
@@ -34,9 +37,14 @@ def loss_without_duplicates(model, batch) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def test_a_duplicated_positive_is_masked_in_the_batch(tiny_model, tmp_path):
+# the dense families' models, by the fixture of their tiny base model
+DENSE_FAMILIES = {"encoder": "tiny_model", "decoder": "tiny_decoder"}
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_a_duplicated_positive_is_masked_in_the_batch(request, tmp_path, family):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    model = load_embedder(tiny_model)
+    model = load_embedder(request.getfixturevalue(DENSE_FAMILIES[family]), family=family)
     batch = hashed_batch(model, data, [0, 1, 2, 3], group_size=GROUP_SIZE)
     with torch.no_grad():
         masked = model(**batch).loss
@@ -46,14 +54,37 @@ def test_a_duplicated_positive_is_masked_in_the_batch(tiny_model, tmp_path):
     assert abs(unmasked.item() - masked.item()) > 1e-3  # the duplicate did count as a negative before
 
 
-def test_a_duplicated_positive_on_another_rank_is_masked(tiny_model, tmp_path):
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_a_duplicated_positive_on_another_rank_is_masked(request, tmp_path, family):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    model = load_embedder(tiny_model)
+    model_path = request.getfixturevalue(DENSE_FAMILIES[family])
+    model = load_embedder(model_path, family=family)
     with torch.no_grad():
         expected = loss_without_duplicates(model, hashed_batch(model, data, [0, 1, 2, 3], group_size=GROUP_SIZE))
     # rank 0 holds records 0 and 1, rank 1 records 2 and 3: the shared positive is on both
-    losses = run_on_ranks(2, loss_on_rank, tiny_model, data, [0, 1, 2, 3])
+    losses = run_on_ranks(2, loss_on_rank, model_path, data, [0, 1, 2, 3], family)
     assert all(abs(loss - expected.item()) < 1e-5 for loss in losses), (losses, expected.item())
+
+
+# query 0's false negative is record 2's positive, and query 2's is record 0's
+DUPLICATES = [(0, 2 * GROUP_SIZE), (2, 0)]
+
+
+def test_bge_m3_masks_every_score_it_trains_on_in_the_batch_and_its_dense_scores_across_ranks(
+    tiny_xlm_roberta, tmp_path
+):
+    """Dense, sparse, ColBERT and their weighted sum, with self-distillation: each is trained on
+    the batch without the duplicates. Across ranks FlagEmbedding scores only dense against the
+    other ranks' passages (sparse and ColBERT within each rank's half, which has no duplicate)."""
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    model = load_embedder(tiny_xlm_roberta, family="m3")
+    losses = m3_losses(model, hashed_batch(model, data, [0, 1, 2, 3], group_size=GROUP_SIZE), DUPLICATES)
+    assert math.isfinite(losses["masked"]) and losses["masked"] == pytest.approx(losses["reference"], abs=1e-5)
+    assert abs(losses["unmasked"] - losses["masked"]) > 1e-3  # the duplicates did count as negatives before
+
+    for rank_losses in run_on_ranks(2, m3_losses_on_rank, tiny_xlm_roberta, data, [0, 1, 2, 3], DUPLICATES):
+        assert rank_losses["masked"] == pytest.approx(rank_losses["reference"], abs=1e-5), rank_losses
+        assert abs(rank_losses["unmasked"] - rank_losses["masked"]) > 1e-3
 
 
 def test_masking_is_on_by_default_and_a_setting_turns_it_off(tmp_path):

@@ -28,12 +28,19 @@ def train_file(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
-@pytest.mark.parametrize(("mini_batch", "gradient_checkpointing"), [(1, False), (3, False), (3, True)])
+# each runner family's model, by the fixture of its tiny base model
+FAMILIES = {"encoder": "tiny_model", "m3": "tiny_xlm_roberta", "decoder": "tiny_decoder"}
+
+
+@pytest.mark.parametrize(
+    ("family", "mini_batch", "gradient_checkpointing"),
+    [("encoder", 1, False), ("encoder", 3, False), ("encoder", 3, True), ("m3", 3, False), ("decoder", 3, False)],
+)
 def test_a_grad_cache_step_has_the_plain_steps_loss_and_gradients(
-    tiny_model, train_file, mini_batch, gradient_checkpointing
+    request, train_file, family, mini_batch, gradient_checkpointing
 ):
     random.seed(0)  # FlagEmbedding samples the negatives
-    model = load_embedder(tiny_model)
+    model = load_embedder(request.getfixturevalue(FAMILIES[family]), family=family)
     if gradient_checkpointing:  # as the runner enables it: checkpoints inside each mini-batch
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -59,9 +66,11 @@ def test_with_dropout_each_mini_batch_is_encoded_again_with_the_same_dropout(tin
     assert max((kept[n] - cached[n]).abs().max().item() for n in kept) < TOLERANCE
 
 
-def test_with_cross_device_negatives_on_two_ranks(tiny_model, train_file):
+@pytest.mark.parametrize("family", ["encoder", "m3"])
+def test_with_cross_device_negatives_on_two_ranks(request, train_file, family):
+    model_path = request.getfixturevalue(FAMILIES[family])
     for loss_difference, gradient_difference in run_on_ranks(
-        2, grad_cache_differences_on_rank, tiny_model, train_file, 4, 3
+        2, grad_cache_differences_on_rank, model_path, train_file, 4, 3, family
     ):
         assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
 
