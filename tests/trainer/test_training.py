@@ -324,6 +324,39 @@ def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_pa
         assert actual[step] == pytest.approx(expected[step], rel=2e-3)
 
 
+def test_deepspeed_resumes_batches_from_one_file_each_at_its_batch(tmp_path):
+    """Under DeepSpeed, HF loads the checkpoint into the engine without _load_from_checkpoint:
+    FlagEmbedding's same-dataset batches must still resume at the checkpoint's batch (a resumed
+    run that served the epoch's first batches again trained on other data)."""
+    base = build_tiny_bert(tmp_path / "bert", dropout=0.0)
+    records = synthetic_records(96, negatives=2)
+    write_jsonl(tmp_path / "sources" / "a.jsonl", records[:48])
+    write_jsonl(tmp_path / "sources" / "b.jsonl", records[48:])
+    store_uri = str(tmp_path / "store")
+    config = write_config(
+        tmp_path,
+        base,
+        store_uri,
+        data=tmp_path / "sources",
+        data_settings={"sameDatasetWithinBatch": True},
+        # as in the kill-and-resume test above: batches must tell apart in the losses
+        model={"pooling": "mean"},
+        training={"learningRate": 1e-3, "maxSteps": 8, "deepspeed": {"zeroStage": 2}},
+        checkpoint={"everySteps": 4, "keep": 2},
+    )
+    first = run_trainer(config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = open_storage(store_uri)
+    expected = losses(storage, 8)
+    storage.delete([o.key for o in storage.list(RUN.model_prefix) + storage.list(RUN.checkpoint_prefix(8))])
+    again = run_trainer(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint 4" in again.stderr
+    actual = losses(storage, 8)
+    for step in range(5, 9):
+        assert actual[step] == pytest.approx(expected[step], rel=2e-3), step
+
+
 def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(tiny_model, tmp_path):
     store_uri = str(tmp_path / "store")
     config = write_config(
