@@ -8,7 +8,7 @@ score matrix); what M3 adds:
   under DeepSpeed (whose gathered state FlagEmbedding's save ignores), and resumed exactly;
 - the model's micro-batch counter, which decides when self-distillation starts, resumes at the
   checkpoint's step instead of 0 (FlagEmbedding's restarts it, so a resumed run trains
-  differently).
+  differently), with and without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
     EncoderOnlyEmbedderM3Trainer,
     EncoderOnlyEmbedderM3TrainingArguments,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .config import UnifiedFinetuningSpec
 from .contract import TrainerConfig
@@ -41,6 +42,7 @@ from .runner import (
     bi_encoder_arguments,
     build_model_and_data_arguments,
     build_training_arguments,
+    join_deepspeed_comm,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,12 @@ class EmbedtuneM3Trainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderM3Trainer):
         for name, file in HEAD_FILES.items():
             state = torch.load(checkpoint / file, map_location="cpu", weights_only=True)
             getattr(m3, name).load_state_dict(state, strict=True)
+
+    def resume_progress(self, checkpoint: Path) -> None:
+        super().resume_progress(checkpoint)
         # HF replays no forward pass for the skipped batches: the counter must jump to the step
         step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        m3.step = step * self.args.gradient_accumulation_steps
+        self.accelerator.unwrap_model(self.model).step = step * self.args.gradient_accumulation_steps
 
 
 class EmbedtuneM3Runner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderM3Runner):
@@ -102,6 +107,8 @@ class EmbedtuneM3Runner(EmbedtuneRunnerMixin, EncoderOnlyEmbedderM3Runner):
         path, args = self.model_args.model_name_or_path, self.training_args
         trust_remote_code = self.model_args.trust_remote_code
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        if is_deepspeed_zero3_enabled():
+            join_deepspeed_comm()
         with loading_model(path, "model.base"):
             parts = self.get_model(path, trust_remote_code, self.model_args.colbert_dim)
         model = EmbedtuneM3Model(

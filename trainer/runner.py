@@ -290,12 +290,22 @@ class EmbedtuneTrainerMixin:
         self.model.model.save_pretrained(output_dir, state_dict=encoder_state)
         self._save_processing_class(output_dir)
 
+    def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str | os.PathLike):  # train.py names the checkpoint
+            self.resume_progress(Path(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def resume_progress(self, checkpoint: Path) -> None:
+        """What HF's resume does not restore, here because it must be restored with and without
+        DeepSpeed: under DeepSpeed HF loads the weights into the engine and never calls
+        `_load_from_checkpoint`. FlagEmbedding's same-dataset batches resume at the checkpoint's."""
+        if isinstance(self.train_dataset, AbsEmbedderSameDatasetTrainDataset):
+            resume_batches(self.train_dataset, checkpoint, self.args)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
         encoder = self.accelerator.unwrap_model(model if model is not None else self.model).model
         load_encoder_weights(encoder, Path(resume_from_checkpoint))
         logger.info("resumed encoder weights from %s", resume_from_checkpoint)
-        if isinstance(self.train_dataset, AbsEmbedderSameDatasetTrainDataset):
-            resume_batches(self.train_dataset, Path(resume_from_checkpoint), self.args)
 
 
 class EmbedtuneTrainer(EmbedtuneTrainerMixin, EncoderOnlyEmbedderTrainer):

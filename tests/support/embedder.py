@@ -4,6 +4,7 @@ loss and gradients of one batch, on one rank or several (see support.ranks)."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -190,3 +191,85 @@ def m3_losses_on_rank(
     model = load_embedder(model_path, family="m3", negatives_cross_device=True)
     share = len(order) // world_size
     return m3_losses(model, hashed_batch(model, train_file, order[rank * share : (rank + 1) * share]), left_out)
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int) -> dict:
+    """fp32 ZeRO stage `zero_stage` as the runner configures it (runner.deepspeed_config), with
+    HF's "auto" values filled in for one step of `micro_batch` queries per rank."""
+    return {
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        # a plain torch optimizer, as HF hands over its own: no compiled DeepSpeed ops
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def deepspeed_loss_and_gradients(model, batch: dict, zero_stage: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """One step's loss and every parameter's full gradient as a fresh DeepSpeed engine holds it
+    after `engine.backward` (reduced and averaged over the ranks), before the optimizer step."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    queries = batch["queries"]["input_ids"].size(0)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config=deepspeed_config(zero_stage, queries, dist.get_world_size()),
+    )
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    # a collective under ZeRO-1/2: every rank asks for every parameter, in the same order
+    gradients = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
+    engine.destroy()
+    return loss.item(), gradients
+
+
+def deepspeed_grad_cache_differences_on_rank(
+    rank: int, world_size: int, model_path: Path, train_file: Path, zero_stage: int, variants: list[tuple[int, bool]]
+) -> dict[str, tuple[float, float, float]]:
+    """Under DeepSpeed ZeRO `zero_stage`, with cross-device negatives on this rank's half of the
+    data: for the plain DeepSpeed step against the plain step without DeepSpeed (its gradients
+    averaged over the ranks, as data parallelism does), and for each (GradCache mini-batch,
+    gradient checkpointing) of `variants` against the plain DeepSpeed step: |loss difference|,
+    the largest |gradient difference|, and that relative to the largest |gradient|."""
+    from embedtune.trainer.runner import join_deepspeed_comm
+
+    os.environ["LOCAL_RANK"] = str(rank)  # what torchrun sets, and DeepSpeed's engine asks for
+    join_deepspeed_comm()  # DeepSpeed's comm over the gloo group torch has, as the runner does
+
+    def fresh_model_and_batch(mini_batch: int = 0, gradient_checkpointing: bool = False):
+        model = load_embedder(model_path, negatives_cross_device=True)
+        if gradient_checkpointing:  # as the runner enables it: checkpoints inside each mini-batch
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        model.grad_cache_queries = mini_batch
+        return model, hashed_batch(model, train_file, list(range(rank * 4, rank * 4 + 4)), group_size=4)
+
+    model, batch = fresh_model_and_batch()
+    reference_loss, reference = loss_and_gradients(model, batch)
+    reference = {name: reference.get(name, torch.zeros_like(p)) for name, p in model.named_parameters()}
+    for gradient in reference.values():
+        dist.all_reduce(gradient)
+        gradient /= world_size
+
+    def differences(loss: float, gradients: dict[str, torch.Tensor], against: dict[str, torch.Tensor]):
+        assert gradients.keys() == against.keys() == reference.keys()
+        largest = max(g.abs().max().item() for g in against.values())
+        difference = max((gradients[n] - against[n]).abs().max().item() for n in against)
+        return abs(loss - reference_loss), difference, difference / largest
+
+    plain_loss, plain = deepspeed_loss_and_gradients(*fresh_model_and_batch(), zero_stage)
+    found = {"deepspeed": differences(plain_loss, plain, reference)}
+    for mini_batch, gradient_checkpointing in variants:
+        model, batch = fresh_model_and_batch(mini_batch, gradient_checkpointing)
+        calls = []
+        hook = model.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        cached_loss, cached = deepspeed_loss_and_gradients(model, batch, zero_stage)
+        hook.remove()
+        # queries and passages: each mini-batch encoded, then encoded again in the backward
+        assert len(calls) == 2 * 2 * math.ceil(batch["queries"]["input_ids"].size(0) / mini_batch)
+        name = f"grad cache {mini_batch}" + (" checkpointed" if gradient_checkpointing else "")
+        found[name] = differences(cached_loss, cached, plain)
+    return found

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from support.embedder import (
+    deepspeed_grad_cache_differences_on_rank,
     grad_cache_differences,
     grad_cache_differences_on_rank,
     hashed_batch,
@@ -19,6 +20,8 @@ from support.ranks import run_on_ranks
 from support.tiny import synthetic_records, write_jsonl
 
 TOLERANCE = 1e-5
+# a gradient difference, relative to the largest gradient of the step
+RELATIVE_TOLERANCE = 1e-3
 
 
 @pytest.fixture
@@ -73,6 +76,28 @@ def test_with_cross_device_negatives_on_two_ranks(request, train_file, family):
         2, grad_cache_differences_on_rank, model_path, train_file, 4, 3, family
     ):
         assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_under_deepspeed_zero_with_cross_device_negatives_on_two_ranks(tiny_model, train_file, zero_stage):
+    """The gradients DeepSpeed reduces and partitions (safe_get_full_grad after engine.backward,
+    before the step): a GradCache step's equal the plain step's, whose equal the plain step's
+    without DeepSpeed averaged over the ranks. ZeRO-2, and ZeRO-1 with overlap_comm (as the runner
+    configures both), reduce each gradient from a hook as it is accumulated: GradCache must
+    accumulate each parameter's gradient once per step (its checkpointed mini-batches feed one
+    backward), not once per mini-batch (a backward of its own per mini-batch, as GradCache is
+    often written, fails DeepSpeed's "has already been reduced" check)."""
+    for rank, found in enumerate(
+        run_on_ranks(
+            2, deepspeed_grad_cache_differences_on_rank, tiny_model, train_file, zero_stage, [(1, False), (3, True)]
+        )
+    ):
+        assert set(found) == {"deepspeed", "grad cache 1", "grad cache 3 checkpointed"}
+        for variant, (loss_difference, gradient_difference, relative) in found.items():
+            assert loss_difference < TOLERANCE and gradient_difference < TOLERANCE, (rank, variant)
+            # the tiny model's gradients are at most ~1e-4, so 1e-5 alone would pass a gradient 10% off;
+            # fp32's summation order leaves ~7e-5 of the largest gradient here
+            assert relative < RELATIVE_TOLERANCE, (rank, variant, relative)
 
 
 def test_the_backward_encodes_one_mini_batch_at_a_time(tiny_model, train_file):

@@ -1,6 +1,8 @@
 """bge-m3's unified fine-tuning: its export loads in FlagEmbedding's BGEM3FlagModel and its
 dense part in sentence-transformers, each reproducing what the trainer's model computes."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,10 @@ from transformers import AutoTokenizer
 
 from embedtune.trainer.config import ModelSpec
 from embedtune.trainer.export import export_sentence_transformers
-from embedtune.trainer.m3 import EmbedtuneM3Model
+from embedtune.trainer.m3 import HEAD_FILES, EmbedtuneM3Model
+from embedtune.trainer.storage import open_storage
+from support.tiny import build_tiny_xlm_roberta
+from support.trainer_runs import RUN, losses, run_trainer, write_config
 
 TEXTS = ["what is w1 w2 w3", "w10 w11 w200 w12", "about w5", "w6 w5 w4 w3 w2 w1 w0 w1 w2"]
 MAX_LENGTH = 32
@@ -145,3 +150,68 @@ def test_evaluate_reports_a_column_set_per_mode_base_vs_fine_tuned(trained_m3, t
     assert all(0 <= scores["finetuned"]["ndcg@10"] <= 1 for scores in report["modes"].values())
     table = capsys.readouterr().out
     assert all(f"\n{mode} " in table for mode in ("dense", "sparse", "colbert", "hybrid", "dense-8"))
+
+
+def stored_tensors(storage, key: str) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(storage.read_bytes(key)), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_under_deepspeed_every_checkpoint_holds_the_steps_heads_and_a_resume_continues_the_loss_curve(
+    tmp_path, zero_stage
+):
+    """On 2 CPU ranks: each checkpoint's colbert_linear.pt and sparse_linear.pt hold the heads of
+    DeepSpeed's own checkpoint of that step (its fp32 weights, rebuilt from the ranks' shards),
+    the export holds the last step's, and a run resumed from a middle checkpoint continues the
+    loss curve, self-distillation included: it starts after micro-batch 3, between the
+    checkpoint resumed from and the end (a counter restarted at 0 would start it later)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    base = build_tiny_xlm_roberta(tmp_path / "xlm-roberta", dropout=0.0)  # without dropout: see test_training
+    store_uri = str(tmp_path / "store")
+    config = write_config(
+        tmp_path,
+        base,
+        store_uri,
+        model={"outputs": ["dense", "sparse", "colbert"]},
+        training={
+            "maxSteps": 6,
+            "deepspeed": {"zeroStage": zero_stage},
+            "unified": {"selfDistill": True, "selfDistillStartStep": 3},
+        },
+        checkpoint={"everySteps": 2, "keep": 3},
+    )
+    first = run_trainer(config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = open_storage(store_uri)
+    expected = losses(storage, 6)
+
+    heads = {}
+    for step in (2, 4, 6):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        storage.download_dir(RUN.checkpoint_prefix(step), checkpoint)
+        engine = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=f"global_step{step}")
+        heads[step] = {}
+        for name, file in HEAD_FILES.items():
+            head = torch.load(checkpoint / file, map_location="cpu", weights_only=True)
+            assert set(head) == {"weight", "bias"}, (step, file)
+            for key, tensor in head.items():
+                assert torch.equal(tensor, engine[f"{name}.{key}"]), (step, file, key)
+                heads[step][f"{name}.{key}"] = tensor
+    for key in heads[6]:  # the heads train: a checkpoint holding stale heads would not pass
+        assert not torch.equal(heads[2][key], heads[4][key]) and not torch.equal(heads[4][key], heads[6][key]), key
+    for name, file in HEAD_FILES.items():
+        exported = stored_tensors(storage, f"{RUN.model_prefix}/{file}")
+        assert exported.keys() == {"weight", "bias"}, file
+        assert all(torch.equal(tensor, heads[6][f"{name}.{key}"]) for key, tensor in exported.items()), file
+
+    # as if the pod had died after checkpoint 4: checkpoint 6 and the model were never stored
+    storage.delete([o.key for o in storage.list(RUN.model_prefix) + storage.list(RUN.checkpoint_prefix(6))])
+    again = run_trainer(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint 4" in again.stderr
+    actual = losses(storage, 6)
+    assert set(actual) == {1, 2, 3, 4, 5, 6}
+    for step in (5, 6):  # DeepSpeed on CPU resumes to about 3e-4 (test_training's ZeRO test)
+        assert actual[step] == pytest.approx(expected[step], rel=2e-3), step

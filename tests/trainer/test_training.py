@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,97 +16,22 @@ from transformers import AutoTokenizer
 
 from embedtune.trainer.checkpoints import CheckpointStore
 from embedtune.trainer.config import StorageAccess
-from embedtune.trainer.layout import COMPLETE_MARKER, RunLayout
+from embedtune.trainer.layout import COMPLETE_MARKER
 from embedtune.trainer.storage import open_storage
 from support.processes import wait_for_training_step
 from support.tiny import build_tiny_bert, build_tiny_xlm_roberta, synthetic_records, write_jsonl
+from support.trainer_runs import (
+    RUN,
+    kill_process_tree,
+    losses,
+    run_trainer,
+    trainer_command,
+    trainer_env,
+    training_logs,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
-RUN = RunLayout("ml", "tiny", "1")
-
-
-def write_config(
-    tmp_path: Path,
-    tiny_model: Path,
-    storage_uri: str,
-    endpoint: str | None = None,
-    *,
-    data: Path | str | None = None,
-    model: dict | None = None,
-    data_settings: dict | None = None,
-    **training,
-) -> Path:
-    data = data or write_jsonl(tmp_path / "train.jsonl", synthetic_records(96, negatives=2))
-    config = {
-        "model": {"base": str(tiny_model), "pooling": "cls", "queryMaxLength": 16, "passageMaxLength": 16}
-        | (model or {}),
-        "data": {"train": str(data), "heldOutFraction": 0.1} | (data_settings or {}),
-        "training": {
-            "epochs": 1,
-            "batchSizePerDevice": 4,
-            "groupSize": 4,
-            "learningRate": 1e-4,
-            "loggingSteps": 1,
-            "seed": 7,
-        }
-        | training.pop("training", {}),
-        "checkpoint": training.pop("checkpoint", {"everySteps": 2, "keep": 2}),
-        "storage": {"uri": storage_uri} | ({"endpoint": endpoint} if endpoint else {}),
-        "run": {"namespace": RUN.namespace, "name": RUN.name, "runId": RUN.run_id},
-        "workDir": str(tmp_path / training.pop("work", "work")),
-        "progressIntervalSeconds": 0.5,
-    }
-    path = tmp_path / f"trainer-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def trainer_command(config: Path, nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "embedtune.trainer.launch",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "embedtune.trainer",
-        "--config",
-        str(config),
-    ]
-
-
-def trainer_env(**extra) -> dict:
-    return os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | extra
-
-
-def run_trainer(config: Path, nproc: int = 2, **env) -> subprocess.CompletedProcess:
-    command = trainer_command(config, nproc)
-    if nproc == 1:  # the local CLI, which runs one process without torchrun
-        command = [sys.executable, "-m", "embedtune.operator.cli", "train", str(config), "--nproc-per-node=1"]
-    return subprocess.run(command, env=trainer_env(**env), capture_output=True, text=True, timeout=600)
-
-
-def kill_process_tree(process: subprocess.Popen) -> None:
-    """SIGKILL a launcher and every worker at once, as losing the pod would (torchrun starts
-    each worker in a session of its own, so a process-group kill would miss them)."""
-    import psutil
-
-    parent = psutil.Process(process.pid)
-    for proc in [parent, *parent.children(recursive=True)]:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:  # a short-lived helper process that ended on its own
-            pass
-    process.wait()
-
-
-def training_logs(storage, step: int) -> list[dict]:
-    state = json.loads(storage.read_bytes(f"{RUN.checkpoint_prefix(step)}/trainer_state.json"))
-    return [entry for entry in state["log_history"] if "loss" in entry]
-
-
-def losses(storage, step: int) -> dict[int, float]:
-    return {entry["step"]: entry["loss"] for entry in training_logs(storage, step)}
 
 
 @pytest.mark.parametrize("cross_device,queries,passages", [(True, 8, 32), (False, 4, 16)])
@@ -398,6 +322,39 @@ def test_deepspeed_zero_on_cpu_trains_checkpoints_and_resumes(tiny_model, tmp_pa
         # DeepSpeed's restored engine is not bit-identical on CPU (3e-4 relative seen here);
         # the plain-DDP resume above is held to 1e-4
         assert actual[step] == pytest.approx(expected[step], rel=2e-3)
+
+
+def test_deepspeed_resumes_batches_from_one_file_each_at_its_batch(tmp_path):
+    """Under DeepSpeed, HF loads the checkpoint into the engine without _load_from_checkpoint:
+    FlagEmbedding's same-dataset batches must still resume at the checkpoint's batch (a resumed
+    run that served the epoch's first batches again trained on other data)."""
+    base = build_tiny_bert(tmp_path / "bert", dropout=0.0)
+    records = synthetic_records(96, negatives=2)
+    write_jsonl(tmp_path / "sources" / "a.jsonl", records[:48])
+    write_jsonl(tmp_path / "sources" / "b.jsonl", records[48:])
+    store_uri = str(tmp_path / "store")
+    config = write_config(
+        tmp_path,
+        base,
+        store_uri,
+        data=tmp_path / "sources",
+        data_settings={"sameDatasetWithinBatch": True},
+        # as in the kill-and-resume test above: batches must tell apart in the losses
+        model={"pooling": "mean"},
+        training={"learningRate": 1e-3, "maxSteps": 8, "deepspeed": {"zeroStage": 2}},
+        checkpoint={"everySteps": 4, "keep": 2},
+    )
+    first = run_trainer(config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = open_storage(store_uri)
+    expected = losses(storage, 8)
+    storage.delete([o.key for o in storage.list(RUN.model_prefix) + storage.list(RUN.checkpoint_prefix(8))])
+    again = run_trainer(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint 4" in again.stderr
+    actual = losses(storage, 8)
+    for step in range(5, 9):
+        assert actual[step] == pytest.approx(expected[step], rel=2e-3), step
 
 
 def test_a_run_lost_after_its_final_checkpoint_exports_without_training_again(tiny_model, tmp_path):
