@@ -1,5 +1,6 @@
-"""FlagEmbedding's encoder-only fine-tuning, extended the way FlagEmbedding intends: by
-subclassing its concrete runner, model and trainer, and adding Trainer callbacks.
+"""FlagEmbedding's fine-tuning, extended the way FlagEmbedding intends: by subclassing its
+concrete runners, models and trainers, and adding Trainer callbacks. The encoder-only (dense)
+family is here, with the mixins every family shares (bge-m3 in m3.py, decoder-only in decoder.py).
 
 What the subclasses change, and why:
 - the model records the shape of its first score matrix, so the log states how many
@@ -9,6 +10,7 @@ What the subclasses change, and why:
   masked before FlagEmbedding's loss;
 - with GradCache (training.gradCache) the model encodes the batch in checkpointed
   mini-batches, so a batch larger than memory trains with the same loss and gradients;
+- the dataset picks each record's passages from a stream of its own (batches.py);
 - the trainer saves only on the process that should (FlagEmbedding writes on every rank
   without DeepSpeed) and resumes the weights into the inner encoder (FlagEmbedding's
   checkpoints hold the inner model, which HF's loader cannot put into the wrapper: it
